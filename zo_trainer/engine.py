@@ -1,0 +1,313 @@
+"""The zeroth-order engine: seeded perturbation, two-point estimate, update.
+
+Everything here is method-agnostic. A method (``zo_trainer.methods``) only decides *which* tensors
+take part (``ZOTarget``) and how a target's direction is masked, clipped or projected.
+
+Perturbation happens *inside the forward pass*: just before a module that reads a target runs, the
+engine rebinds the target to ``w + eps * z`` (a temporary built in a reusable scratch buffer) and
+rebinds the original tensor right after. Stored weights are never modified by a perturbation, so
+restoring is exact in every dtype (MeZO's in-place +e, -2e, +e scheme drifts in fp16/bf16), and only
+one layer-sized temporary exists at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def perturbation_seed(base_seed: int, step: int, index: int = 0) -> int:
+    """Seed of perturbation ``index`` at optimizer step ``step``: a pure function, so runs resume and replay."""
+    return _splitmix64(_splitmix64(_splitmix64(base_seed) ^ step) ^ index) >> 1
+
+
+def target_seed(step_seed: int, target_index: int) -> int:
+    """Each target draws its own stream, so z of a tensor does not depend on the order tensors are visited."""
+    return _splitmix64(step_seed ^ (target_index * 0x632BE59BD9B4E019 & _MASK64)) >> 1
+
+
+@dataclass(eq=False)
+class ZOTarget:
+    """One tensor that the engine perturbs and updates.
+
+    ``get`` returns the master tensor (updated in place); ``set`` rebinds the tensor the forward reads,
+    without copying. ``modules`` are the modules whose forward reads it (two for tied embeddings).
+    """
+
+    name: str
+    modules: tuple[nn.Module, ...]
+    get: Callable[[], torch.Tensor]
+    set: Callable[[torch.Tensor], None]
+    index: int = 0
+    threshold: float | None = None  # Sparse: only entries with |t| <= threshold take part.
+    min_value: float | None = None  # Keep entries >= min_value after an update (quantization scales).
+    weight_decay: float = 0.0
+    numel: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.numel = self.get().numel()
+
+
+def parameter_targets(model: nn.Module, select: Callable[[str, nn.Module, torch.Tensor], bool]) -> list[ZOTarget]:
+    """Targets for the model's parameters that ``select(name, owner, param)`` accepts; tied ones appear once."""
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append(module)
+    module_of = {name: module for name, module in model.named_modules()}
+    targets = []
+    for name, param in model.named_parameters():  # Deduplicates tied parameters.
+        owner = module_of[name.rpartition(".")[0]]
+        if not select(name, owner, param):
+            continue
+
+        def setter(t: torch.Tensor, p: nn.Parameter = param) -> None:
+            p.data = t
+
+        targets.append(
+            ZOTarget(
+                name=name,
+                modules=tuple(owners[id(param)]),
+                get=lambda p=param: p.data,
+                set=setter,
+            )
+        )
+    return targets
+
+
+class _Scratch:
+    """Reusable flat buffers per (dtype, device): a perturbation allocates nothing after the first step."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device, str], torch.Tensor] = {}
+
+    def get(self, like: torch.Tensor, slot: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or like.dtype
+        key = (dtype, like.device, slot)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < like.numel():
+            buffer = torch.empty(like.numel(), dtype=dtype, device=like.device)
+            self._buffers[key] = buffer
+        return buffer[: like.numel()].view(like.shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+class ZOEngine:
+    """Seeded two-point zeroth-order estimator over a list of targets.
+
+    Use ``with engine.perturbed(seed, +eps): loss_plus = loss_fn()`` (likewise with ``-eps``), then
+    ``engine.update(seeds, coefficients)`` applies ``t -= sum_k coef_k * z_k`` (z regenerated).
+    """
+
+    def __init__(self, targets: Sequence[ZOTarget]):
+        if not targets:
+            raise ValueError("The ZO engine got no tensors to optimise.")
+        self.targets = list(targets)
+        for index, target in enumerate(self.targets):
+            target.index = index
+        self._by_module: dict[nn.Module, list[ZOTarget]] = {}
+        for target in self.targets:
+            for module in target.modules:
+                self._by_module.setdefault(module, []).append(target)
+        self._scratch = _Scratch()
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._active: tuple[int, float] | None = None  # (step seed, signed eps) while perturbed.
+        self._swapped: dict[int, torch.Tensor] = {}  # target index -> original tensor
+        self.mask_fraction_sum: torch.Tensor | None = None  # Sum over updates of the updated fraction.
+        self.num_updates = 0
+        self.thresholds_fixed = False  # Set once Sparse-MeZO thresholds are computed or restored.
+        self.install()
+
+    # ----- hooks -------------------------------------------------------------------------------
+    def install(self) -> None:
+        if self._hooks:
+            return
+        for module in self._by_module:
+            self._hooks.append(module.register_forward_pre_hook(self._pre_forward))
+            self._hooks.append(module.register_forward_hook(self._post_forward))
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def _pre_forward(self, module: nn.Module, args: tuple) -> None:
+        if self._active is None:
+            return
+        step_seed, signed_eps = self._active
+        for target in self._by_module[module]:
+            if target.index in self._swapped:
+                continue  # Tied tensor already perturbed by an earlier module of this forward.
+            original = target.get()
+            shared = len(target.modules) > 1  # Lives until the forward ends: needs its own buffer.
+            perturbed = self._perturbed_tensor(target, original, step_seed, signed_eps, own_buffer=shared)
+            self._swapped[target.index] = original
+            target.set(perturbed)
+
+    def _post_forward(self, module: nn.Module, args: tuple, output) -> None:
+        if self._active is None:
+            return
+        for target in self._by_module[module]:
+            if len(target.modules) == 1 and target.index in self._swapped:
+                target.set(self._swapped.pop(target.index))
+
+    def _restore_all(self) -> None:
+        for target in self.targets:
+            original = self._swapped.pop(target.index, None)
+            if original is not None:
+                target.set(original)
+
+    # ----- noise -------------------------------------------------------------------------------
+    def _generator(self, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            self._generators[device] = generator
+        return generator
+
+    def noise(self, target: ZOTarget, step_seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """z ~ N(0, 1) for ``target`` at ``step_seed``; a private generator, never the global RNG."""
+        reference = target.get()
+        if out is None:
+            out = torch.empty_like(reference)
+        generator = self._generator(reference.device)
+        generator.manual_seed(target_seed(step_seed, target.index))
+        return out.normal_(generator=generator)
+
+    def mask(self, target: ZOTarget, tensor: torch.Tensor) -> torch.Tensor | None:
+        """Sparse-MeZO's mask, rebuilt from the current values: |t| <= threshold. None means dense."""
+        if target.threshold is None:
+            return None
+        magnitude = torch.abs(tensor, out=self._scratch.get(tensor, "abs"))
+        return torch.le(magnitude, target.threshold, out=self._scratch.get(tensor, "mask", torch.bool))
+
+    def direction(self, target: ZOTarget, step_seed: int, tensor: torch.Tensor, slot: str = "z") -> torch.Tensor:
+        """The (masked) perturbation direction of ``target``, in a scratch buffer."""
+        mask = self.mask(target, tensor)
+        z = self.noise(target, step_seed, out=self._scratch.get(tensor, slot))
+        if mask is not None:
+            z.mul_(mask)
+        return z
+
+    def _perturbed_tensor(
+        self, target: ZOTarget, original: torch.Tensor, step_seed: int, signed_eps: float, own_buffer: bool
+    ) -> torch.Tensor:
+        if own_buffer:
+            z = self.noise(target, step_seed)
+            mask = self.mask(target, original)
+            if mask is not None:
+                z.mul_(mask)
+        else:
+            z = self.direction(target, step_seed, original)
+        return z.mul_(signed_eps).add_(original)
+
+    @contextlib.contextmanager
+    def perturbed(self, step_seed: int, signed_eps: float) -> Iterator[None]:
+        """Within this block every forward sees each target at ``t + signed_eps * z(step_seed)``."""
+        if self._active is not None:
+            raise RuntimeError("ZOEngine.perturbed() blocks cannot be nested.")
+        self._active = (step_seed, signed_eps)
+        try:
+            yield
+        finally:
+            self._active = None
+            self._restore_all()
+
+    # ----- update ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, step_seeds: Sequence[int], coefficients: Sequence[float], lr: float = 0.0) -> None:
+        """``t -= sum_k coefficients[k] * z_k`` on the masked entries; decoupled weight decay ``lr * wd``.
+
+        The mask is taken from the values before the update, as in the forward passes of this step.
+        """
+        masked = None  # Number of entries that took part, as a tensor: summed without a host sync.
+        for target in self.targets:
+            tensor = target.get()
+            mask = self.mask(target, tensor)
+            if mask is not None:
+                count = mask.sum()
+                masked = count if masked is None else masked + count
+            for step_seed, coefficient in zip(step_seeds, coefficients):
+                if coefficient == 0.0:
+                    continue
+                z = self.noise(target, step_seed, out=self._scratch.get(tensor, "z"))
+                if mask is not None:
+                    z.mul_(mask)
+                tensor.add_(z, alpha=-coefficient)
+            if target.weight_decay and lr:
+                decay = -lr * target.weight_decay
+                if mask is None:
+                    tensor.mul_(1.0 + decay)
+                else:
+                    tensor.add_(tensor * mask, alpha=decay)
+            if target.min_value is not None:
+                tensor.clamp_(min=target.min_value)
+        self.num_updates += 1
+        if masked is not None:
+            dense = sum(t.numel for t in self.targets if t.threshold is None)
+            fraction = (masked + dense) / self.total_numel
+            self.mask_fraction_sum = fraction if self.mask_fraction_sum is None else self.mask_fraction_sum + fraction
+
+    def pop_mask_fraction(self) -> float | None:
+        """Mean fraction of entries updated since the last call (None when every target is dense)."""
+        if self.mask_fraction_sum is None or self.num_updates == 0:
+            return None
+        value = float(self.mask_fraction_sum) / self.num_updates
+        self.mask_fraction_sum, self.num_updates = None, 0
+        return value
+
+    @property
+    def total_numel(self) -> int:
+        return sum(t.numel for t in self.targets)
+
+    # ----- sparse thresholds -------------------------------------------------------------------
+    @torch.no_grad()
+    def set_thresholds(self, sparsity: float, select: Callable[[ZOTarget], bool] = lambda t: True) -> None:
+        """Per-target threshold = the (1 - sparsity) quantile of |t|, from the current values.
+
+        ``kthvalue`` selects in linear time on a copy of one tensor: no sorted copy of a large layer.
+        """
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"zo_sparsity must be in [0, 1), got {sparsity}.")
+        for target in self.targets:
+            if not select(target):
+                continue
+            if sparsity == 0.0:
+                target.threshold = None
+                continue
+            magnitude = target.get().detach().abs().flatten()
+            k = max(1, math.ceil((1.0 - sparsity) * magnitude.numel()))
+            target.threshold = float(magnitude.float().kthvalue(k).values)
+        self.thresholds_fixed = True
+
+    def thresholds(self) -> dict[str, float | None]:
+        return {t.name: t.threshold for t in self.targets}
+
+    def load_thresholds(self, thresholds: dict[str, float | None]) -> None:
+        for target in self.targets:
+            if target.name in thresholds:
+                target.threshold = thresholds[target.name]
+        self.thresholds_fixed = bool(thresholds)
+
+
+def projected_gradient(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:
+    """The two-point directional derivative estimate (L(w + eps z) - L(w - eps z)) / (2 eps)."""
+    return (loss_plus.detach().double() - loss_minus.detach().double()) / (2.0 * eps)

@@ -1,0 +1,118 @@
+"""``ZOOptimizer``: a stateless ``torch.optim.Optimizer`` whose ``step()`` applies the seeded ZO update.
+
+HF's loop calls ``optimizer.step()`` once per optimizer step (after the gradient-accumulation
+micro-batches) and its LR schedulers write ``param_groups[0]["lr"]``: both drive the ZO update unchanged.
+The only state is a few bytes per step: the sparse thresholds and the trajectory (seed, projected
+gradients, lr), which fully determine the fine-tuned weights given the base model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .engine import ZOEngine
+from .methods import ZOMethod
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive steps with a NaN/inf loss."""
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    def __init__(self, engine: ZOEngine, method: ZOMethod, lr: float, num_perturbations: int, max_skipped_steps: int):
+        # The tensors are listed for HF's bookkeeping only; updates go through the engine.
+        super().__init__([t.get() for t in engine.targets], {"lr": lr})
+        self.engine = engine
+        self.method = method
+        self.num_perturbations = num_perturbations
+        self.max_skipped_steps = max_skipped_steps
+        self.trajectory: list[dict[str, Any]] = []
+        self._seeds: list[int | None] = [None] * num_perturbations
+        self._sums: torch.Tensor | None = None  # Sum over micro-batches of the projected gradient, per direction.
+        self._counts = 0
+        self.consecutive_skips = 0
+        self.last_projected_gradients: list[float] = []
+        self._logged_sum = 0.0
+        self._logged_count = 0
+
+    def accumulate(self, index: int, seed: int, projected_gradient: torch.Tensor) -> None:
+        """Record micro-batch estimate ``projected_gradient`` of direction ``index`` (seed ``seed``)."""
+        if self._sums is None:
+            self._sums = torch.zeros(self.num_perturbations, dtype=torch.float64, device=projected_gradient.device)
+        if self._seeds[index] not in (None, seed):
+            raise RuntimeError("Perturbation seed changed within one optimizer step.")
+        self._seeds[index] = seed
+        self._sums[index] += projected_gradient.to(torch.float64)
+        if index == 0:
+            self._counts += 1
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - torch API
+        if self._sums is None:
+            return None
+        projected = self._sums / self._counts
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Data-parallel ZO: the only communication is these n floats.
+            dist.all_reduce(projected, op=dist.ReduceOp.SUM)
+            projected /= dist.get_world_size()
+        projected = self.method.clip(projected)
+        values = projected.tolist()  # The one host sync of a step: alpha of the in-place update needs floats.
+        seeds = list(self._seeds)
+        self._sums, self._counts = None, 0
+        self._seeds = [None] * self.num_perturbations
+        lr = self.param_groups[0]["lr"]
+        if not all(math.isfinite(v) for v in values):
+            self.consecutive_skips += 1
+            logger.warning(
+                "ZO step skipped: non-finite loss (projected gradients %s); weights unchanged (%d in a row).",
+                values,
+                self.consecutive_skips,
+            )
+            self.trajectory.append({"seeds": seeds, "projected_gradients": values, "lr": lr, "skipped": True})
+            if self.consecutive_skips >= self.max_skipped_steps:
+                raise NonFiniteLossError(
+                    f"{self.consecutive_skips} consecutive ZO steps had a non-finite loss; stopping. Lower the "
+                    "learning rate or zo_eps, or check the data. The last checkpoint is intact."
+                )
+            return None
+        self.consecutive_skips = 0
+        coefficients = [lr * v / self.num_perturbations for v in values]
+        self.engine.update(seeds, coefficients, lr=lr)
+        self.trajectory.append({"seeds": seeds, "projected_gradients": values, "lr": lr})
+        self.last_projected_gradients = values
+        self._logged_sum += sum(values) / len(values)
+        self._logged_count += 1
+        return None
+
+    def pop_logged_projected_gradient(self) -> float | None:
+        """Mean projected gradient over the steps since the last call."""
+        if not self._logged_count:
+            return None
+        value = self._logged_sum / self._logged_count
+        self._logged_sum, self._logged_count = 0.0, 0
+        return value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass  # There are no gradients.
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "thresholds": self.engine.thresholds(),
+            "trajectory": self.trajectory,
+            "consecutive_skips": self.consecutive_skips,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(saved)
+        self.engine.load_thresholds(state_dict.get("thresholds", {}))
+        self.trajectory = list(state_dict.get("trajectory", []))
+        self.consecutive_skips = state_dict.get("consecutive_skips", 0)

@@ -1,0 +1,164 @@
+"""``ZOTrainer``: HF ``Trainer`` with zeroth-order optimizers wired in.
+
+Only the step changes: ``training_step`` runs two forward passes per direction under ``no_grad`` and
+records the projected gradient; ``ZOOptimizer.step()`` (called by HF's loop) applies the update.
+HF keeps doing argument parsing, LR schedules, logging, evaluation, checkpointing and progress bars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers import trainer as hf_trainer_module
+
+from .data import candidate_loss
+from .engine import ZOEngine, perturbation_seed, projected_gradient
+from .methods import ZOMethod, get_method
+from .optim import ZOOptimizer
+from .training_args import ZOTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+class ZOCallback(TrainerCallback):
+    """Fixes Sparse-MeZO thresholds before the first step (unless restored from a checkpoint)."""
+
+    def __init__(self, engine: ZOEngine, method: ZOMethod):
+        self.engine = engine
+        self.method = method
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.method.sparsity > 0 and not self.engine.thresholds_fixed:
+            self.engine.set_thresholds(self.method.sparsity, select=self.method.is_sparsified)
+            logger.info(
+                "%s: thresholds fixed for %d tensors at sparsity %.2f.",
+                self.method.name,
+                sum(t.threshold is not None for t in self.engine.targets),
+                self.method.sparsity,
+            )
+
+
+@contextlib.contextmanager
+def _allow_quantized_training() -> Iterator[None]:
+    """Trainer refuses quantized models without PEFT adapters; QZO trains their scales, so lift that check here only."""
+    original = hf_trainer_module.validate_quantization_for_training
+    hf_trainer_module.validate_quantization_for_training = lambda model: None
+    try:
+        yield
+    finally:
+        hf_trainer_module.validate_quantization_for_training = original
+
+
+class ZOTrainer(Trainer):
+    """A ``Trainer`` that also runs ``optim`` = ``mezo`` | ``sparse_mezo`` | ``qzo`` (see ``ZOTrainingArguments``).
+
+    Batches from ``zo_trainer.data.CandidateCollator`` (classification as language modelling) are
+    scored by candidate log-likelihood; other batches use the model's own loss.
+    """
+
+    # Our losses are means over the batch; HF divides them by the accumulation steps for logging.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model: nn.Module | None = None, args: ZOTrainingArguments | None = None, *pargs, **kwargs):
+        is_zo = isinstance(args, ZOTrainingArguments) and args.is_zo
+        self.zo_method: ZOMethod | None = None
+        self.zo_engine: ZOEngine | None = None
+        if is_zo and args.optim == "qzo":
+            with _allow_quantized_training():
+                super().__init__(model, args, *pargs, **kwargs)
+        else:
+            super().__init__(model, args, *pargs, **kwargs)
+        if is_zo:
+            self._setup_zo()
+
+    @property
+    def is_zo(self) -> bool:
+        return self.zo_engine is not None
+
+    def _setup_zo(self) -> None:
+        method = get_method(self.args.optim)(self.args)
+        targets = method.targets(self.model)
+        if not targets:
+            raise ValueError(f"optim={self.args.optim!r} found no tensors to train in {type(self.model).__name__}.")
+        # Nothing may ask autograd for gradients: no graph is built and no .grad is ever allocated.
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.zo_method = method
+        self.zo_engine = ZOEngine(targets)
+        self.add_callback(ZOCallback(self.zo_engine, method))
+        trained = sum(t.numel for t in targets)
+        logger.info("%s: %d tensors, %.1fM entries take part.", method.name, len(targets), trained / 1e6)
+
+    # ----- optimizer -------------------------------------------------------------------------
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if not self.is_zo:
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            self.optimizer = ZOOptimizer(
+                self.zo_engine,
+                self.zo_method,
+                lr=self.args.learning_rate,
+                num_perturbations=self.args.zo_num_perturbations,
+                max_skipped_steps=self.args.zo_max_skipped_steps,
+            )
+        return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        return None if self.is_zo else super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return None if self.is_zo else super()._get_grad_norm(model, grad_norm)
+
+    def _zo_optimizer(self) -> ZOOptimizer:
+        optimizer = self.optimizer
+        return getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps it.
+
+    # ----- the step --------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "candidate_ids" in inputs:
+            loss, scores = candidate_loss(model, inputs)
+            return (loss, {"loss": loss, "logits": scores}) if return_outputs else loss
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        if not self.is_zo:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # Both passes must see the same function: no dropout (Llama-family models have none anyway).
+        model.eval()
+        inputs = self._prepare_inputs(inputs)
+        optimizer = self._zo_optimizer()
+        eps = self.args.zo_eps
+        total = torch.zeros((), device=self.args.device)
+        with torch.no_grad():
+            for index in range(self.args.zo_num_perturbations):
+                seed = perturbation_seed(self.args.seed, self.state.global_step, index)
+                with self.zo_engine.perturbed(seed, +eps):
+                    loss_plus = self.compute_loss(model, inputs)
+                with self.zo_engine.perturbed(seed, -eps):
+                    loss_minus = self.compute_loss(model, inputs)
+                optimizer.accumulate(index, seed, projected_gradient(loss_plus, loss_minus, eps))
+                total += (loss_plus.detach() + loss_minus.detach()).float().to(total.device)
+        loss = total / (2 * self.args.zo_num_perturbations)
+        return loss / self.current_gradient_accumulation_steps
+
+    # ----- logging -----------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.is_zo and "loss" in logs:  # Training logs only, not evaluation.
+            optimizer = self._zo_optimizer()
+            if isinstance(optimizer, ZOOptimizer):
+                projected = optimizer.pop_logged_projected_gradient()
+                if projected is not None:
+                    logs["zo_projected_grad"] = projected
+                if optimizer.consecutive_skips:
+                    logs["zo_skipped_steps"] = optimizer.consecutive_skips
+            fraction = self.zo_engine.pop_mask_fraction()
+            if fraction is not None:
+                logs["zo_update_fraction"] = fraction
+        super().log(logs, start_time)

@@ -1,0 +1,112 @@
+"""``ZOTrainingArguments``: HF ``TrainingArguments`` plus the zeroth-order optimizers and their settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+from transformers.training_args import OptimizerNames
+
+from .methods import ZO_METHODS
+
+ZO_OPTIMIZERS: tuple[str, ...] = tuple(ZO_METHODS)
+_OPTIM_CHOICES = list(ZO_OPTIMIZERS) + [o.value for o in OptimizerNames]
+
+
+@dataclass
+class ZOTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` whose ``optim`` also accepts ``mezo``, ``sparse_mezo`` and ``qzo``.
+
+    With a ZO optimizer no backward runs, no ``.grad`` and no optimizer state is allocated: each step
+    evaluates the loss at ``w + eps z`` and ``w - eps z`` and moves ``w`` along ``z``.
+    """
+
+    optim: str = field(
+        default="adamw_torch",
+        metadata={
+            "help": "Optimizer: 'mezo' (dense ZO-SGD), 'sparse_mezo' (ZO on small-magnitude weights), 'qzo' "
+            "(ZO on the quantization scales of an int4 model), or any of HF's first-order optimizers.",
+            "choices": _OPTIM_CHOICES,
+        },
+    )
+    zo_eps: float = field(default=1e-3, metadata={"help": "Perturbation scale eps of the two-point estimate."})
+    zo_sparsity: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of each weight matrix (of each scale tensor for qzo) that stays frozen; the "
+            "smallest-magnitude (1 - sparsity) are trained. Default: 0.8 for sparse_mezo, 0 for qzo."
+        },
+    )
+    zo_num_perturbations: int = field(
+        default=1, metadata={"help": "Directions z per step; their estimates are averaged (n-SPSA)."}
+    )
+    zo_clip: float | None = field(
+        default=None,
+        metadata={
+            "help": "Clip the projected gradient to [-zo_clip, zo_clip]. Default: 100 for qzo (the paper's "
+            "value), no clipping otherwise; 'inf' disables it."
+        },
+    )
+    zo_train_unquantized: bool = field(
+        default=False,
+        metadata={"help": "qzo: also train the un-quantized tensors (norms, embeddings, lm_head) with dense ZO."},
+    )
+    zo_max_skipped_steps: int = field(
+        default=10,
+        metadata={"help": "Stop with an error after this many consecutive steps skipped for a non-finite loss."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: the candidate-scoring collator needs the tokenized columns."},
+    )
+
+    @property
+    def is_zo(self) -> bool:
+        return str(self.optim) in ZO_OPTIMIZERS
+
+    def __post_init__(self) -> None:
+        zo_name = str(self.optim) if str(self.optim) in ZO_OPTIMIZERS else None
+        if zo_name is not None:
+            self._validate_zo(zo_name)
+            # The parent converts ``optim`` to HF's enum, which has no ZO names: hold ours aside meanwhile.
+            self.optim = OptimizerNames.SGD.value
+        try:
+            super().__post_init__()
+        finally:
+            if zo_name is not None:
+                self.optim = zo_name
+
+    def _validate_zo(self, name: str) -> None:
+        problems = []
+        if not (self.zo_eps > 0 and math.isfinite(self.zo_eps)):
+            problems.append(f"zo_eps must be a positive number, got {self.zo_eps}.")
+        if self.zo_sparsity is not None and not 0.0 <= self.zo_sparsity < 1.0:
+            problems.append(f"zo_sparsity is the frozen fraction and must be in [0, 1), got {self.zo_sparsity}.")
+        if name == "mezo" and self.zo_sparsity:
+            problems.append("zo_sparsity > 0 with optim='mezo': use optim='sparse_mezo' for sparse ZO.")
+        if self.zo_num_perturbations < 1:
+            problems.append(f"zo_num_perturbations must be >= 1, got {self.zo_num_perturbations}.")
+        if self.zo_clip is not None and not self.zo_clip > 0:
+            problems.append(
+                f"zo_clip={self.zo_clip} clips every step to zero and freezes training; use a positive bound "
+                "(the paper's is 100) or 'inf' for no clipping."
+            )
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.zo_max_skipped_steps < 1:
+            problems.append(f"zo_max_skipped_steps must be >= 1, got {self.zo_max_skipped_steps}.")
+        if self.fp16:
+            problems.append(
+                "fp16 mixed precision needs a backward pass for its loss scaler; ZO has none. Use --bf16, or load the "
+                "model in float16 (dtype=float16): the ZO perturbation is exact in half precision."
+            )
+        if self.deepspeed or self.fsdp:
+            problems.append(
+                "DeepSpeed and FSDP shard gradients and optimizer state that ZO does not have; run ZO as plain data "
+                "parallel (torchrun / accelerate launch --multi_gpu), which only all-reduces one float per step."
+            )
+        if self.gradient_checkpointing or self.activation_checkpointing:
+            problems.append("gradient_checkpointing saves backward memory; ZO runs no backward, so turn it off.")
+        if problems:
+            raise ValueError(f"Invalid arguments for optim={name!r}:\n  - " + "\n  - ".join(problems))

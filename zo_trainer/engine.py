@@ -305,7 +305,8 @@ class ZOEngine:
         for target in self.targets:
             if target.name in thresholds:
                 target.threshold = thresholds[target.name]
-        self.thresholds_fixed = bool(thresholds)
+        # Accelerate round-trips the optimizer state at prepare time: all-None thresholds mean not fixed yet.
+        self.thresholds_fixed = any(value is not None for value in thresholds.values())
 
 
 def projected_gradient(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:

@@ -116,7 +116,7 @@ class ZOEngine:
     ``engine.update(seeds, coefficients)`` applies ``t -= sum_k coef_k * z_k`` (z regenerated).
     """
 
-    def __init__(self, targets: Sequence[ZOTarget]):
+    def __init__(self, targets: Sequence[ZOTarget], num_noise_threads: int | None = None):
         if not targets:
             raise ValueError("The ZO engine got no tensors to optimise.")
         self.targets = list(targets)
@@ -127,7 +127,9 @@ class ZOEngine:
             for module in target.modules:
                 self._by_module.setdefault(module, []).append(target)
         self._scratch = _Scratch()
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
+        self.num_noise_threads = num_noise_threads or max(1, min(self.NOISE_CHUNKS, torch.get_num_threads()))
+        self._executor = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._active: tuple[int, float] | None = None  # (step seed, signed eps) while perturbed.
         self._swapped: dict[int, torch.Tensor] = {}  # target index -> original tensor
@@ -176,21 +178,56 @@ class ZOEngine:
                 target.set(original)
 
     # ----- noise -------------------------------------------------------------------------------
-    def _generator(self, device: torch.device) -> torch.Generator:
-        generator = self._generators.get(device)
+    def _generator(self, device: torch.device, slot: int = 0) -> torch.Generator:
+        generator = self._generators.get((device, slot))
         if generator is None:
             generator = torch.Generator(device=device)
-            self._generators[device] = generator
+            self._generators[(device, slot)] = generator
         return generator
 
     def noise(self, target: ZOTarget, step_seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """z ~ N(0, 1) for ``target`` at ``step_seed``; a private generator, never the global RNG."""
+        """z ~ N(0, 1) for ``target`` at ``step_seed``; private generators, never the global RNG."""
         reference = target.get()
         if out is None:
             out = torch.empty_like(reference)
-        generator = self._generator(reference.device)
-        generator.manual_seed(target_seed(step_seed, target.index))
-        return out.normal_(generator=generator)
+        seed = target_seed(step_seed, target.index)
+        chunks = self._cpu_chunks(out)
+        if chunks == 1:
+            generator = self._generator(reference.device, 0)
+            generator.manual_seed(seed)
+            return out.normal_(generator=generator)
+        # torch's CPU normal_ runs on one thread: fill contiguous chunks in parallel, each from its own stream.
+        flat = out.view(-1)
+        bounds = [flat.numel() * i // chunks for i in range(chunks + 1)]
+
+        def fill(i: int) -> None:
+            generator = self._generator(out.device, i)
+            generator.manual_seed(_splitmix64(seed ^ (i + 1)) >> 1)
+            flat[bounds[i] : bounds[i + 1]].normal_(generator=generator)
+
+        if self.num_noise_threads == 1:
+            for i in range(chunks):
+                fill(i)
+        else:
+            list(self._pool().map(fill, range(chunks)))
+        return out
+
+    # On CPU, z of a large tensor is NOISE_CHUNKS streams. The count is a constant, not the thread count,
+    # so z (and hence a run) is the same on every CPU machine and every data-parallel rank.
+    NOISE_CHUNKS = 4
+    _CHUNKED_MIN_NUMEL = 1 << 20
+
+    def _cpu_chunks(self, out: torch.Tensor) -> int:
+        if out.device.type != "cpu" or out.numel() < self._CHUNKED_MIN_NUMEL or not out.is_contiguous():
+            return 1
+        return self.NOISE_CHUNKS
+
+    def _pool(self):
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(self.num_noise_threads, thread_name_prefix="zo-noise")
+        return self._executor
 
     def mask(self, target: ZOTarget, tensor: torch.Tensor) -> torch.Tensor | None:
         """Sparse-MeZO's mask, rebuilt from the current values: |t| <= threshold. None means dense."""
@@ -210,13 +247,7 @@ class ZOEngine:
     def _perturbed_tensor(
         self, target: ZOTarget, original: torch.Tensor, step_seed: int, signed_eps: float, own_buffer: bool
     ) -> torch.Tensor:
-        if own_buffer:
-            z = self.noise(target, step_seed)
-            mask = self.mask(target, original)
-            if mask is not None:
-                z.mul_(mask)
-        else:
-            z = self.direction(target, step_seed, original)
+        z = self.direction(target, step_seed, original, slot=f"shared{target.index}" if own_buffer else "z")
         return z.mul_(signed_eps).add_(original)
 
     @contextlib.contextmanager

@@ -1,0 +1,135 @@
+"""bitsandbytes 4-bit (NF4 / FP4) back-end for QZO.
+
+The continuous scale of a bnb 4-bit weight is ``weight.quant_state.absmax`` (one fp32 per block of
+64 values, without double quantization).  ``matmul_4bit`` dequantizes from it on every call in the
+fp32 path.  ``prepare`` forces that path:
+
+  * ``support_avx512bf16_for_cpu = False`` on every ``Linear4bit``: otherwise the first eval-mode
+    forward on a CPU with avx512_bf16 repacks the weight, turns ``absmax`` into bf16 and runs a fused
+    bf16 kernel (ZO differences drown in rounding noise);
+  * ``compute_dtype = float32``;
+  * ``absmax`` -> a plain fp32 master tensor (not an inference tensor);
+  * a layer already repacked for the CPU kernel is unpacked back (its absmax was rounded to bf16).
+
+Double-quantized absmax (``bnb_4bit_use_double_quant=True``: uint8 codes + a second-level state) is
+rejected with a ValueError: reload with ``bnb_4bit_use_double_quant=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .base import QuantBackend, ScaleTensor, as_fp32_master
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BnbNF4Backend", "is_bnb_4bit_module"]
+
+
+def is_bnb_4bit_module(module: torch.nn.Module) -> bool:
+    mod = type(module).__module__ or ""
+    if not mod.startswith("bitsandbytes."):
+        return False
+    w = getattr(module, "weight", None)
+    return type(w).__name__ == "Params4bit" or (
+        type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
+    )
+
+
+def _qs(module):
+    qs = getattr(module.weight, "quant_state", None)
+    if qs is None:
+        qs = getattr(module, "quant_state", None)
+    if qs is None:
+        raise ValueError(f"{type(module).__name__} has no quant_state (not quantized yet?)")
+    return qs
+
+
+def _make_get(module):
+    return lambda: _qs(module).absmax
+
+
+def _make_set(module):
+    def _set(t: torch.Tensor) -> None:
+        _qs(module).absmax = t
+
+    return _set
+
+
+class BnbNF4Backend(QuantBackend):
+    name = "nf4"
+
+    @staticmethod
+    def _is_quant_module(module):
+        return is_bnb_4bit_module(module)
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return any(is_bnb_4bit_module(m) for m in model.modules())
+
+    def prepare(self, model) -> None:
+        mods = self.quantized_modules(model)
+        for name, m in mods:
+            qs = _qs(m)
+            if getattr(qs, "nested", False) or getattr(qs, "state2", None) is not None:
+                raise ValueError(
+                    f"{name}: bitsandbytes double quantization (bnb_4bit_use_double_quant=True) stores "
+                    "absmax as uint8 codes, which QZO cannot perturb. Reload the model with "
+                    "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
+                    "bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=torch.float32) "
+                    "(= zo_trainer.quant.load_quantized(path, 'nf4') / --quantization nf4)."
+                )
+        for name, m in mods:
+            qs = _qs(m)
+            if getattr(qs, "packing_format_for_cpu", False):
+                # An eval forward already repacked it for the fused bf16 CPU kernel: unpack.
+                try:
+                    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+                except ImportError:  # pragma: no cover - older/newer bnb layout
+                    from bitsandbytes.utils import _convert_weight_packed_for_cpu_inverse  # type: ignore
+                try:
+                    with torch.inference_mode(False), torch.no_grad():
+                        m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                            m.weight.data, qs)
+                except Exception as e:  # pragma: no cover
+                    raise ValueError(
+                        f"{name}: weight was repacked for bnb's fused bf16 CPU kernel and cannot be "
+                        f"unpacked ({e}); reload the model and call prepare() before any eval forward"
+                    ) from e
+                logger.warning("%s: unpacked a CPU-repacked NF4 weight (absmax had been rounded to bf16)", name)
+                qs = _qs(m)
+            m.support_avx512bf16_for_cpu = False
+            m.compute_dtype = torch.float32
+            m.compute_type_is_set = True
+            qs.absmax = as_fp32_master(qs.absmax)
+            if qs.dtype is not None and qs.dtype != torch.float32:
+                qs.dtype = torch.float32  # dtype of the dequantized weight
+            if m.bias is not None and m.bias.dtype != torch.float32:
+                m.bias.data = m.bias.data.float()
+        # Non-quantized floating params (embeddings, norms, lm_head) -> fp32.
+        for mod in model.modules():
+            if is_bnb_4bit_module(mod):
+                continue
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                if p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.float()
+            for bname, b in list(mod.named_buffers(recurse=False)):
+                if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                    setattr(mod, bname, b.float())
+
+    def scale_tensors(self, model) -> list[ScaleTensor]:
+        return [
+            ScaleTensor(name=f"{name}.weight.absmax", module=m, get=_make_get(m), set=_make_set(m))
+            for name, m in self.quantized_modules(model)
+        ]
+
+    def frozen_state(self, model) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, m in self.quantized_modules(model):
+            out[f"{name}.weight"] = m.weight.data.detach().clone()
+            qs = _qs(m)
+            if getattr(qs, "code", None) is not None:
+                out[f"{name}.weight.quant_map"] = qs.code.detach().clone()
+        return out

@@ -1,0 +1,132 @@
+"""``zo-quantize``: GPTQ-quantize a causal LM (default: the embedded SmolLM2) for QZO.
+
+    zo-quantize --bits 4 --group_size 64 --output_dir smol-gptq4 \
+        --task rte --data_dir ../shared/data/superglue/rte --num_calibration 32 --max_length 128
+
+Calibration prompts come from the task's train split (``<data_dir>/train.jsonl`` formatted with the
+task template) or from ``--calibration_file`` (one prompt per line; ``\\n`` escapes are expanded).
+Quantization uses gptqmodel's own API (faster on CPU than transformers' GPTQConfig path) and saves a
+``format: gptq`` checkpoint that ``from_pretrained`` / ``zo_trainer.quant.load_quantized`` load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+RTE_TEMPLATE = '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n'
+
+
+def _log(msg: str) -> None:
+    print(f"[zo-quantize] {msg}", file=sys.stderr, flush=True)
+
+
+def _task_formatter(task: str):
+    try:
+        from .tasks import get_task  # written by another module; optional
+    except ImportError:
+        get_task = None
+    if get_task is not None:
+        t = get_task(task)
+        if hasattr(t, "format_prompt"):
+            return t.format_prompt
+        return lambda ex: t.template.format(**ex)
+    if task.lower() == "rte":
+        return lambda ex: RTE_TEMPLATE.format(**ex)
+    raise ValueError(f"unknown task {task!r} (zo_trainer.tasks is not available)")
+
+
+def calibration_texts(args) -> list[str]:
+    if args.calibration_file:
+        lines = pathlib.Path(args.calibration_file).read_text(encoding="utf-8").splitlines()
+        texts = [ln.replace("\\n", "\n") for ln in lines if ln.strip()]
+    else:
+        if not args.data_dir:
+            raise SystemExit("zo-quantize: pass --data_dir (with --task) or --calibration_file")
+        fmt = _task_formatter(args.task)
+        path = pathlib.Path(args.data_dir)
+        if path.is_dir():
+            path = path / "train.jsonl"
+        texts = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    texts.append(fmt(json.loads(line)))
+                if len(texts) >= args.num_calibration:
+                    break
+    texts = texts[: args.num_calibration]
+    if not texts:
+        raise SystemExit("zo-quantize: no calibration text")
+    return texts
+
+
+def quantize(model_name_or_path=None, output_dir="smol-gptq4", texts=(), bits=4, group_size=64,
+             max_length=128, batch_size=4, desc_act=False, sym=True, damp_percent=0.05):
+    """GPTQ-quantize with gptqmodel and save to ``output_dir``; returns the output path."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
+    import torch
+    from transformers import AutoTokenizer
+
+    try:
+        from .models import resolve_model_path
+    except ImportError:  # pragma: no cover
+        resolve_model_path = os.fspath
+    src = resolve_model_path(model_name_or_path)
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    tok = AutoTokenizer.from_pretrained(src)
+    calib = []
+    for t in texts:
+        ids = tok(t, truncation=True, max_length=max_length)["input_ids"]
+        calib.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    _log(f"model {src}: {bits}-bit, group {group_size}, {len(calib)} calibration samples "
+         f"(<= {max_length} tokens)")
+    t0 = time.time()
+    qc = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
+                        damp_percent=damp_percent)
+    model = GPTQModel.load(src, qc, dtype=torch.float32)
+    _log(f"loaded in {time.time() - t0:.1f}s; quantizing (first run JIT-compiles a packing extension)")
+    t1 = time.time()
+    model.quantize(calib, batch_size=batch_size, tokenizer=tok, calibration_data_min_length=1)
+    _log(f"quantized in {time.time() - t1:.1f}s")
+    os.makedirs(output_dir, exist_ok=True)
+    model.save(output_dir)
+    tok.save_pretrained(output_dir)
+    _log(f"saved {output_dir} (total {time.time() - t0:.1f}s)")
+    return output_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zo-quantize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", default=None,
+                   help="local dir or hub id (default: the embedded SmolLM2-135M-Instruct, fp32)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group_size", type=int, default=64)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--task", default="rte")
+    p.add_argument("--data_dir", default=None, help="task dir with train.jsonl (or a .jsonl file)")
+    p.add_argument("--calibration_file", default=None, help="text file, one prompt per line")
+    p.add_argument("--num_calibration", type=int, default=32)
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--desc_act", action="store_true")
+    p.add_argument("--damp_percent", type=float, default=0.05)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    texts = calibration_texts(args)
+    quantize(args.model_name_or_path, args.output_dir, texts, bits=args.bits,
+             group_size=args.group_size, max_length=args.max_length, batch_size=args.batch_size,
+             desc_act=args.desc_act, damp_percent=args.damp_percent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

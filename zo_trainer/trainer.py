@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any, Iterator
 
 import torch
@@ -147,6 +148,21 @@ class ZOTrainer(Trainer):
                 total += (loss_plus.detach() + loss_minus.detach()).float().to(total.device)
         loss = total / (2 * self.args.zo_num_perturbations)
         return loss / self.current_gradient_accumulation_steps
+
+    # ----- saving --------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        from .quant import get_backend, save_quantized
+
+        if get_backend(self.model) is None:
+            return super()._save(output_dir, state_dict)
+        # transformers' save_pretrained of a GPTQ model re-packs zero-points from the kernel's view and
+        # rounds fp32 scales to fp16; save_quantized writes the int4 tensors untouched and the fp32 scales.
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        save_quantized(self.model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     # ----- logging -----------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -247,8 +247,12 @@ class ZOEngine:
     def _perturbed_tensor(
         self, target: ZOTarget, original: torch.Tensor, step_seed: int, signed_eps: float, own_buffer: bool
     ) -> torch.Tensor:
-        z = self.direction(target, step_seed, original, slot=f"shared{target.index}" if own_buffer else "z")
-        return z.mul_(signed_eps).add_(original)
+        mask = self.mask(target, original)
+        z = self.noise(target, step_seed, out=self._scratch.get(original, f"shared{target.index}" if own_buffer else "z"))
+        # One fused pass: original + eps * z (* mask), written over z.
+        if mask is None:
+            return torch.add(original, z, alpha=signed_eps, out=z)
+        return torch.addcmul(original, z, mask, value=signed_eps, out=z)
 
     @contextlib.contextmanager
     def perturbed(self, step_seed: int, signed_eps: float) -> Iterator[None]:
@@ -280,9 +284,10 @@ class ZOEngine:
                 if coefficient == 0.0:
                     continue
                 z = self.noise(target, step_seed, out=self._scratch.get(tensor, "z"))
-                if mask is not None:
-                    z.mul_(mask)
-                tensor.add_(z, alpha=-coefficient)
+                if mask is None:
+                    tensor.add_(z, alpha=-coefficient)
+                else:
+                    tensor.addcmul_(z, mask, value=-coefficient)
             if target.weight_decay and lr:
                 decay = -lr * target.weight_decay
                 if mask is None:

@@ -1,7 +1,12 @@
-"""Shared fixtures: tiny random Llama models and an offline tokenizer (no download), the real RTE data."""
+"""Shared fixtures: tiny random Llama models and an offline tokenizer (no download), the real RTE data, and the
+real SmolLM2-135M in int4 (GPTQ group 64, quantized once per session by zo-quantize; bitsandbytes NF4).
+
+Set ZO_QUANT_TEST_GPTQ_DIR=<dir> to reuse an existing GPTQ checkpoint instead of quantizing (~1.5-2 min on 2 cores).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -67,3 +72,59 @@ def make_tiny_llama(vocab_size: int = 1500, dtype: torch.dtype = torch.float32, 
 @pytest.fixture
 def tiny_llama_factory():
     return make_tiny_llama
+
+
+# --------------------------------------------------------------------------- int4 SmolLM2 (QZO)
+HAS_GPTQ = all(importlib.util.find_spec(m) is not None for m in ("gptqmodel", "optimum"))
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+RTE_TEMPLATE = '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n'
+
+
+def rte_texts(n: int, offset: int = 0) -> list[str]:
+    """``n`` RTE prompts (from the train split) as plain text: calibration data and LM-loss batches."""
+    path = RTE_DIR / "train.jsonl"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines()[offset : offset + n]]
+        return [RTE_TEMPLATE.format(**r) for r in rows]
+    return [f"Sentence number {i}: the cat sat on the mat.\nIs that true? Yes or No?\n" for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> str:
+    """The embedded SmolLM2-135M-Instruct as an fp32 Hugging Face directory."""
+    from zo_trainer.models import ensure_default_model
+
+    return str(ensure_default_model())
+
+
+@pytest.fixture(scope="session")
+def gptq_dir(base_dir, tmp_path_factory) -> str:
+    """SmolLM2 GPTQ-quantized once per session (4 bit, group 64) by ``zo_trainer.quantize.quantize``."""
+    if not HAS_GPTQ:
+        pytest.skip("gptqmodel/optimum not importable: run scripts/install_quant.sh")
+    reuse = os.environ.get("ZO_QUANT_TEST_GPTQ_DIR")
+    if reuse and (Path(reuse) / "config.json").exists():
+        return reuse
+    from zo_trainer.quantize import quantize
+
+    out = tmp_path_factory.mktemp("gptq") / "smol-gptq4-g64"
+    quantize(base_dir, str(out), rte_texts(4), bits=4, group_size=64, max_length=64, batch_size=4)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def gptq_model(gptq_dir):
+    """Shared, prepared GPTQ model: tests that change its scales must restore them."""
+    from zo_trainer.quant import load_quantized
+
+    return load_quantized(gptq_dir, "gptq")
+
+
+@pytest.fixture(scope="session")
+def nf4_model(base_dir):
+    """Shared, prepared NF4 model: tests that change its absmax must restore it."""
+    if not HAS_BNB:
+        pytest.skip("bitsandbytes not importable: run scripts/install_quant.sh")
+    from zo_trainer.quant import load_quantized
+
+    return load_quantized(base_dir, "nf4")

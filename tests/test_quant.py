@@ -1,47 +1,25 @@
 """QZO int4 back-ends on the real SmolLM2-135M (CPU): GPTQ (quantized by zo-quantize, group 64) and
 bitsandbytes NF4.  Run: GPTQMODEL_CPU_WORKERS=2 python -m pytest tests/test_quant.py -q
 
-Set ZO_QUANT_TEST_GPTQ_DIR=<dir> to reuse an existing GPTQ checkpoint instead of quantizing (~1.5 min).
+The session fixtures base_dir / gptq_dir / gptq_model / nf4_model live in conftest.py (shared with
+test_qzo.py). Set ZO_QUANT_TEST_GPTQ_DIR=<dir> to reuse an existing GPTQ checkpoint instead of quantizing.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import pathlib
 
 import pytest
 import torch
+from conftest import HAS_BNB, HAS_GPTQ, rte_texts
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 pytestmark = pytest.mark.quant
 
-HAS_GPTQ = all(importlib.util.find_spec(m) is not None for m in ("gptqmodel", "optimum"))
-HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 NEED_GPTQ = pytest.mark.skipif(not HAS_GPTQ, reason="gptqmodel/optimum not importable: run scripts/install_quant.sh")
 NEED_BNB = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not importable: run scripts/install_quant.sh")
-
-RTE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue" / "rte" / "train.jsonl"
-if not RTE.exists():
-    RTE = pathlib.Path("/work/shared/data/superglue/rte/train.jsonl")
-TEMPLATE = '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n'
-
-
-def _rte_texts(n, offset=0):
-    if RTE.exists():
-        rows = [json.loads(l) for l in RTE.read_text().splitlines()[offset:offset + n]]
-        return [TEMPLATE.format(**r) for r in rows]
-    return [f"Sentence number {i}: the cat sat on the mat.\nIs that true? Yes or No?\n" for i in range(n)]
-
-
-@pytest.fixture(scope="session")
-def base_dir():
-    from zo_trainer.models import ensure_default_model
-
-    return str(ensure_default_model())
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +29,7 @@ def batch(base_dir):
     tok = AutoTokenizer.from_pretrained(base_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    enc = tok(_rte_texts(2, offset=100), return_tensors="pt", padding=True, truncation=True, max_length=48)
+    enc = tok(rte_texts(2, offset=100), return_tensors="pt", padding=True, truncation=True, max_length=48)
     enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     return dict(enc)
 
@@ -59,36 +37,6 @@ def batch(base_dir):
 def _loss(model, batch):
     with torch.no_grad():
         return model(**batch).loss.item()
-
-
-@pytest.fixture(scope="session")
-def gptq_dir(base_dir, tmp_path_factory):
-    if not HAS_GPTQ:
-        pytest.skip("gptqmodel/optimum not importable: run scripts/install_quant.sh")
-    reuse = os.environ.get("ZO_QUANT_TEST_GPTQ_DIR")
-    if reuse and (pathlib.Path(reuse) / "config.json").exists():
-        return reuse
-    from zo_trainer.quantize import quantize
-
-    out = tmp_path_factory.mktemp("gptq") / "smol-gptq4-g64"
-    quantize(base_dir, str(out), _rte_texts(4), bits=4, group_size=64, max_length=64, batch_size=4)
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def gptq_model(gptq_dir):
-    from zo_trainer.quant import load_quantized
-
-    return load_quantized(gptq_dir, "gptq")
-
-
-@pytest.fixture(scope="session")
-def nf4_model(base_dir):
-    if not HAS_BNB:
-        pytest.skip("bitsandbytes not importable: run scripts/install_quant.sh")
-    from zo_trainer.quant import load_quantized
-
-    return load_quantized(base_dir, "nf4")
 
 
 @pytest.fixture(params=["gptq", "nf4"])

@@ -215,7 +215,7 @@ class ZOEngine:
     # On CPU, z of a large tensor is NOISE_CHUNKS streams. The count is a constant, not the thread count,
     # so z (and hence a run) is the same on every CPU machine and every data-parallel rank.
     NOISE_CHUNKS = 4
-    _CHUNKED_MIN_NUMEL = 1 << 20
+    _CHUNKED_MIN_NUMEL = 1 << 16  # Below this the thread hand-off costs more than it saves.
 
     def _cpu_chunks(self, out: torch.Tensor) -> int:
         if out.device.type != "cpu" or out.numel() < self._CHUNKED_MIN_NUMEL or not out.is_contiguous():

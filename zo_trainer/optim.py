@@ -25,6 +25,33 @@ class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive steps with a NaN/inf loss."""
 
 
+def update_coefficients(values: list[float], lr: float, num_perturbations: int) -> list[float]:
+    """The coefficients of ``ZOEngine.update`` for one step: ``lr * g_k / n``.
+
+    Training and ``zo-replay`` both go through this one function, so a replayed update is the same
+    float arithmetic as the trained one (bit-exact on the same device).
+    """
+    return [lr * v / num_perturbations for v in values]
+
+
+@torch.no_grad()
+def weights_fingerprint(engine: ZOEngine) -> list[float]:
+    """``[sum(t), sum(|t|)]`` over every target, in float64: tells two models' trained tensors apart cheaply.
+
+    Not bit-exact across reduction orders; compare with a relative tolerance (``fingerprints_match``).
+    """
+    total = torch.zeros(2, dtype=torch.float64, device=engine.targets[0].get().device)
+    for target in engine.targets:
+        tensor = target.get()
+        total[0] += tensor.sum(dtype=torch.float64).to(total.device)
+        total[1] += tensor.abs().sum(dtype=torch.float64).to(total.device)
+    return total.tolist()
+
+
+def fingerprints_match(a, b, rel: float = 1e-6) -> bool:
+    return all(abs(x - y) <= rel * max(1.0, abs(x), abs(y)) for x, y in zip(a, b)) and len(a) == len(b)
+
+
 class ZOOptimizer(torch.optim.Optimizer):
     def __init__(self, engine: ZOEngine, method: ZOMethod, lr: float, num_perturbations: int, max_skipped_steps: int):
         # The tensors are listed for HF's bookkeeping only; updates go through the engine.
@@ -41,9 +68,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_projected_gradients: list[float] = []
         self._logged_sum = 0.0
         self._logged_count = 0
+        self._global_step: int | None = None  # HF's global_step once the pending step is applied.
+        self.base_fingerprint: list[float] | None = None  # Of the weights before the first step (zo-replay checks it).
+        self.communicated_bytes = 0  # Bytes this process put into all_reduce (data parallel only).
 
-    def accumulate(self, index: int, seed: int, projected_gradient: torch.Tensor) -> None:
-        """Record micro-batch estimate ``projected_gradient`` of direction ``index`` (seed ``seed``)."""
+    def accumulate(self, index: int, seed: int, projected_gradient: torch.Tensor, step: int | None = None) -> None:
+        """Record micro-batch estimate ``projected_gradient`` of direction ``index`` (seed ``seed``).
+
+        ``step``: HF's ``state.global_step`` while the step is computed (0 for the first), for the records and warnings.
+        """
+        if step is not None:
+            self._global_step = step + 1
         if self._sums is None:
             self._sums = torch.zeros(self.num_perturbations, dtype=torch.float64, device=projected_gradient.device)
         if self._seeds[index] not in (None, seed):
@@ -62,30 +97,39 @@ class ZOOptimizer(torch.optim.Optimizer):
             # Data-parallel ZO: the only communication is these n floats.
             dist.all_reduce(projected, op=dist.ReduceOp.SUM)
             projected /= dist.get_world_size()
+            self.communicated_bytes += projected.numel() * projected.element_size()
         projected = self.method.clip(projected)
         values = projected.tolist()  # The one host sync of a step: alpha of the in-place update needs floats.
         seeds = list(self._seeds)
         self._sums, self._counts = None, 0
         self._seeds = [None] * self.num_perturbations
         lr = self.param_groups[0]["lr"]
+        global_step, self._global_step = self._global_step, None
+        record: dict[str, Any] = {"seeds": seeds, "projected_gradients": values, "lr": lr}
+        if global_step is not None:
+            record = {"global_step": global_step, **record}
         if not all(math.isfinite(v) for v in values):
             self.consecutive_skips += 1
+            where = f"global step {global_step}" if global_step is not None else f"step {len(self.trajectory) + 1}"
             logger.warning(
-                "ZO step skipped: non-finite loss (projected gradients %s); weights unchanged (%d in a row).",
+                "ZO update at %s skipped: non-finite loss (projected gradients %s); weights unchanged "
+                "(%d consecutive skip(s), limit zo_max_skipped_steps=%d).",
+                where,
                 values,
                 self.consecutive_skips,
+                self.max_skipped_steps,
             )
-            self.trajectory.append({"seeds": seeds, "projected_gradients": values, "lr": lr, "skipped": True})
+            self.trajectory.append({**record, "skipped": True})
             if self.consecutive_skips >= self.max_skipped_steps:
                 raise NonFiniteLossError(
-                    f"{self.consecutive_skips} consecutive ZO steps had a non-finite loss; stopping. Lower the "
-                    "learning rate or zo_eps, or check the data. The last checkpoint is intact."
+                    f"{self.consecutive_skips} consecutive ZO steps (up to {where}) had a non-finite loss "
+                    f"(zo_max_skipped_steps={self.max_skipped_steps}); stopping with the weights of the last good "
+                    "step. Lower the learning rate or zo_eps, or check the data. Checkpoints already written are intact."
                 )
             return None
         self.consecutive_skips = 0
-        coefficients = [lr * v / self.num_perturbations for v in values]
-        self.engine.update(seeds, coefficients, lr=lr)
-        self.trajectory.append({"seeds": seeds, "projected_gradients": values, "lr": lr})
+        self.engine.update(seeds, update_coefficients(values, lr, self.num_perturbations), lr=lr)
+        self.trajectory.append(record)
         self.last_projected_gradients = values
         self._logged_sum += sum(values) / len(values)
         self._logged_count += 1
@@ -108,6 +152,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "thresholds": self.engine.thresholds(),
             "trajectory": self.trajectory,
             "consecutive_skips": self.consecutive_skips,
+            "base_fingerprint": self.base_fingerprint,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -116,3 +161,4 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.engine.load_thresholds(state_dict.get("thresholds", {}))
         self.trajectory = list(state_dict.get("trajectory", []))
         self.consecutive_skips = state_dict.get("consecutive_skips", 0)
+        self.base_fingerprint = state_dict.get("base_fingerprint")

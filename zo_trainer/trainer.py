@@ -13,14 +13,17 @@ import os
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers import trainer as hf_trainer_module
+from transformers.trainer_utils import get_last_checkpoint
 
 from .data import candidate_loss
 from .engine import ZOEngine, perturbation_seed, projected_gradient
 from .methods import ZOMethod, get_method
-from .optim import ZOOptimizer
+from .optim import NonFiniteLossError, ZOOptimizer, weights_fingerprint
+from .replay import save_trajectory
 from .training_args import ZOTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,37 @@ class ZOCallback(TrainerCallback):
                 sum(t.threshold is not None for t in self.engine.targets),
                 self.method.sparsity,
             )
+
+
+class ZOTrajectoryCallback(TrainerCallback):
+    """Fingerprints the base weights, checks data-parallel ranks agree, writes the trajectory at the end.
+
+    (Checkpoints get theirs from ``ZOTrainer.save_model``, inside HF's checkpoint flow.)
+    """
+
+    def __init__(self, trainer: "ZOTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        optimizer = trainer._zo_optimizer()
+        fingerprint = weights_fingerprint(trainer.zo_engine)
+        if optimizer.base_fingerprint is None and state.global_step == 0:
+            optimizer.base_fingerprint = fingerprint
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank must start from the same weights and seed, or the shared update means nothing. One-off, 48 bytes.
+            mine = torch.tensor([*fingerprint, float(args.seed)], dtype=torch.float64, device=args.device)
+            both = torch.stack([mine, -mine])
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            if not torch.equal(both[0], -both[1]):
+                raise RuntimeError(
+                    "Data-parallel ZO: the processes start from different weights or --seed (rank "
+                    f"{dist.get_rank()}: fingerprint {fingerprint}, seed {args.seed}). Every rank must load the same "
+                    "model (e.g. from_pretrained, or a fixed torch.manual_seed before building it) and use the same seed."
+                )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        save_trajectory(self.trainer, args.output_dir)
 
 
 @contextlib.contextmanager
@@ -92,6 +126,7 @@ class ZOTrainer(Trainer):
         self.zo_method = method
         self.zo_engine = ZOEngine(targets)
         self.add_callback(ZOCallback(self.zo_engine, method))
+        self.add_callback(ZOTrajectoryCallback(self))
         trained = sum(t.numel for t in targets)
         logger.info("%s: %d tensors, %.1fM entries take part.", method.name, len(targets), trained / 1e6)
 
@@ -119,6 +154,30 @@ class ZOTrainer(Trainer):
         optimizer = self.optimizer
         return getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps it.
 
+    # ----- data parallel -----------------------------------------------------------------------
+    def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
+        """ZO training never wraps the model in DDP (or DataParallel).
+
+        DDP would allocate gradient buckets and, on CPU/gloo, refuses a model with nothing requiring grad.
+        ZO needs neither: every rank computes L(w +- eps z) on its shard and ``ZOOptimizer.step`` all-reduces
+        the n projected gradients. ``prepare_model(evaluation_mode=True)`` places the model and applies mixed
+        precision / torch.compile as Accelerate would, and marks it prepared, so Trainer's later
+        ``accelerator.prepare(model, optimizer)`` leaves it unwrapped.
+        """
+        if not (self.is_zo and training):
+            return super()._wrap_model(model, training=training, dataloader=dataloader)
+        if self.args.n_gpu > 1:
+            logger.warning(
+                "ZO runs on one device per process: %d GPUs are visible to one process. Launch one process per "
+                "GPU (torchrun --nproc_per_node N / accelerate launch --multi_gpu) for data-parallel ZO.",
+                self.args.n_gpu,
+            )
+        return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        # ZO losses are per-micro-batch means: HF's token count (gathered from every rank at every step) is not used.
+        return None if self.is_zo else super()._get_num_items_in_batch(batch_samples, device)
+
     # ----- the step --------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "candidate_ids" in inputs:
@@ -144,12 +203,30 @@ class ZOTrainer(Trainer):
                     loss_plus = self.compute_loss(model, inputs)
                 with self.zo_engine.perturbed(seed, -eps):
                     loss_minus = self.compute_loss(model, inputs)
-                optimizer.accumulate(index, seed, projected_gradient(loss_plus, loss_minus, eps))
+                optimizer.accumulate(
+                    index, seed, projected_gradient(loss_plus, loss_minus, eps), step=self.state.global_step
+                )
                 total += (loss_plus.detach() + loss_minus.detach()).float().to(total.device)
         loss = total / (2 * self.args.zo_num_perturbations)
         return loss / self.current_gradient_accumulation_steps
 
     # ----- saving --------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        except NonFiniteLossError as error:
+            output_dir = self.args.output_dir
+            last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            raise NonFiniteLossError(
+                f"{error} Last checkpoint: {last or 'none was saved'} (resume with resume_from_checkpoint)."
+            ) from error
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """HF's ``save_model`` plus ``zo_trajectory.json`` (written atomically), in checkpoints and at the end."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.is_zo:
+            save_trajectory(self, output_dir if output_dir is not None else self.args.output_dir)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         from .quant import get_backend, save_quantized
 

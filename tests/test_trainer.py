@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import TrainingArguments
@@ -140,6 +142,14 @@ def test_resume_is_bit_exact(tmp_path, tiny_tokenizer, rte_small, tiny_llama_fac
     expected = state(full)
     for key, value in state(resumed).items():
         assert torch.equal(value, expected[key]), key
+    # The trajectory continues across the resume: the resumed run's file is the uninterrupted run's, and the
+    # checkpoint's is its prefix (seeds, projected gradients, lr, thresholds, base and final fingerprints).
+    uninterrupted = json.loads((tmp_path / "a" / "out" / "zo_trajectory.json").read_text())
+    continued = json.loads((tmp_path / "b" / "out" / "zo_trajectory.json").read_text())
+    assert continued == uninterrupted and len(continued["steps"]) == 4
+    at_checkpoint = json.loads((tmp_path / "b" / "out" / "checkpoint-2" / "zo_trajectory.json").read_text())
+    assert at_checkpoint["steps"] == uninterrupted["steps"][:2]
+    assert at_checkpoint["base_fingerprint"] == uninterrupted["base_fingerprint"]
 
 
 def test_evaluation_reports_accuracy(tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory):

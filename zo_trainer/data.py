@@ -279,6 +279,9 @@ class CandidateCollator:
         if len(num_c) != 1:
             raise ValueError(f"all examples in a batch need the same number of candidates, got {sorted(num_c)}")
         B, C = len(features), num_c.pop()
+        bad = [int(v) for v in labels.tolist() if not 0 <= v < C]
+        if bad:  # cross_entropy would fail deep inside the forward (a device-side assert on CUDA).
+            raise ValueError(f"label(s) {sorted(set(bad))} outside the {C} candidates of this task (class ids 0..{C - 1})")
         pad = self.pad_token_id
 
         if all(len(c) == 1 for cs in cands for c in cs):

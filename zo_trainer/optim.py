@@ -53,9 +53,20 @@ def fingerprints_match(a, b, rel: float = 1e-6) -> bool:
 
 
 class ZOOptimizer(torch.optim.Optimizer):
-    def __init__(self, engine: ZOEngine, method: ZOMethod, lr: float, num_perturbations: int, max_skipped_steps: int):
+    def __init__(
+        self,
+        engine: ZOEngine,
+        method: ZOMethod,
+        lr: float,
+        num_perturbations: int,
+        max_skipped_steps: int,
+        data_parallel: bool | None = None,
+    ):
+        """``data_parallel``: all-reduce the projected gradients across the default process group. ``None``: do so
+        whenever torch.distributed is initialized with more than one process."""
         # The tensors are listed for HF's bookkeeping only; updates go through the engine.
         super().__init__([t.get() for t in engine.targets], {"lr": lr})
+        self.data_parallel = data_parallel
         self.engine = engine
         self.method = method
         self.num_perturbations = num_perturbations
@@ -93,7 +104,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._sums is None:
             return None
         projected = self._sums / self._counts
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        data_parallel = self.data_parallel
+        if data_parallel is None:
+            data_parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if data_parallel:
             # Data-parallel ZO: the only communication is these n floats.
             dist.all_reduce(projected, op=dist.ReduceOp.SUM)
             projected /= dist.get_world_size()

@@ -22,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .data import candidate_loss
 from .engine import ZOEngine, perturbation_seed, projected_gradient
 from .methods import ZOMethod, get_method
-from .optim import NonFiniteLossError, ZOOptimizer, weights_fingerprint
+from .optim import NonFiniteLossError, ZOOptimizer, fingerprints_match, weights_fingerprint
 from .replay import save_trajectory
 from .training_args import ZOTrainingArguments
 
@@ -67,7 +67,9 @@ class ZOTrajectoryCallback(TrainerCallback):
             mine = torch.tensor([*fingerprint, float(args.seed)], dtype=torch.float64, device=args.device)
             both = torch.stack([mine, -mine])
             dist.all_reduce(both, op=dist.ReduceOp.MAX)
-            if not torch.equal(both[0], -both[1]):
+            highest, lowest = both[0].tolist(), (-both[1]).tolist()
+            # Sums may differ in the last bits between devices (reduction order); the seed must match exactly.
+            if highest[2] != lowest[2] or not fingerprints_match(highest[:2], lowest[:2], rel=1e-9):
                 raise RuntimeError(
                     "Data-parallel ZO: the processes start from different weights or --seed (rank "
                     f"{dist.get_rank()}: fingerprint {fingerprint}, seed {args.seed}). Every rank must load the same "
@@ -141,8 +143,19 @@ class ZOTrainer(Trainer):
                 lr=self.args.learning_rate,
                 num_perturbations=self.args.zo_num_perturbations,
                 max_skipped_steps=self.args.zo_max_skipped_steps,
+                data_parallel=self._zo_data_parallel(),
             )
         return self.optimizer
+
+    def _zo_data_parallel(self) -> bool:
+        """Whether the projected gradients are all-reduced: exactly when Trainer shards the data across processes."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1 and self.args.world_size != world:
+            raise RuntimeError(
+                f"torch.distributed runs {world} processes but the Trainer runs {self.args.world_size} (it would not "
+                "shard the data). On a machine without GPUs pass --use_cpu true so Accelerate sets up gloo data parallel."
+            )
+        return self.args.world_size > 1
 
     def _clip_grad_norm(self, model):
         return None if self.is_zo else super()._clip_grad_norm(model)

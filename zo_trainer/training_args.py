@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -10,7 +12,20 @@ from transformers.training_args import OptimizerNames
 
 from .methods import ZO_METHODS
 
+logger = logging.getLogger(__name__)
+
 ZO_OPTIMIZERS: tuple[str, ...] = tuple(ZO_METHODS)
+
+
+def _launched_on_cpu_only() -> bool:
+    """Started by a multi-process launcher (torchrun, accelerate launch) on a machine with no accelerator."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("LOCAL_RANK", "-1")) < 0:
+        return False
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return not has_accelerator
 _OPTIM_CHOICES = list(ZO_OPTIMIZERS) + [o.value for o in OptimizerNames]
 
 
@@ -69,6 +84,11 @@ class ZOTrainingArguments(TrainingArguments):
         zo_name = str(self.optim) if str(self.optim) in ZO_OPTIMIZERS else None
         if zo_name is not None:
             self._validate_zo(zo_name)
+            if _launched_on_cpu_only() and not self.use_cpu:
+                # torchrun / accelerate launch on a machine without an accelerator: Accelerate only sets up
+                # MULTI_CPU (gloo, sharded data) with use_cpu; otherwise every process would train on all the data.
+                logger.info("Data-parallel ZO on CPU: %s processes, use_cpu=True (gloo).", os.environ["WORLD_SIZE"])
+                self.use_cpu = True
             # The parent converts ``optim`` to HF's enum, which has no ZO names: hold ours aside meanwhile.
             self.optim = OptimizerNames.SGD.value
         try:

@@ -1,0 +1,289 @@
+"""ZO trajectories: the few bytes per step that rebuild the fine-tuned weights from the base model.
+
+A ZO update is ``t -= lr * g_k / n * z_k`` with ``z_k`` regenerated from a seed, so the whole run is the
+base model plus, per step, the seeds, the n projected gradients ``g_k`` and the learning rate.
+``ZOTrainer`` writes them as ``zo_trajectory.json`` into every checkpoint and into ``output_dir``;
+
+    zo-replay --base <model> --trajectory out/zo_trajectory.json --output_dir replayed
+
+runs the same ``ZOEngine`` updates on the base weights and saves the result with ``save_pretrained``.
+On the device (and dtype) that trained, the replayed weights equal the trained ones bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import uuid
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import nn
+
+from .engine import ZOEngine
+from .methods import ZOMethod, get_method
+from .optim import fingerprints_match, update_coefficients, weights_fingerprint
+
+if TYPE_CHECKING:
+    from .trainer import ZOTrainer
+
+logger = logging.getLogger(__name__)
+
+TRAJECTORY_NAME = "zo_trajectory.json"
+FORMAT = "zo_trainer.trajectory"
+VERSION = 1
+
+# Arguments a method reads (ZOMethod and subclasses); saved so replay builds the same targets.
+_METHOD_ARGS = ("zo_sparsity", "zo_clip", "zo_train_unquantized", "weight_decay")
+
+
+class TrajectoryError(ValueError):
+    """A trajectory file that is missing, corrupt, or does not fit the base model."""
+
+
+# ----- writing -------------------------------------------------------------------------------------
+def _json_float(value: Any) -> Any:
+    """Strict JSON has no NaN/inf: non-finite numbers become strings ("nan", "inf", "-inf")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _from_json_float(value: Any) -> Any:
+    return float(value) if isinstance(value, str) else value
+
+
+def write_json_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader (or a crash, kill -9 included) sees the old file or the new one.
+
+    The text goes to a temporary file in the same directory, is fsynced, then ``os.replace``d over ``path``.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # Mode as open() gives (umask), unlike mkstemp.
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # Persist the rename itself (POSIX); not available everywhere.
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def trajectory_payload(trainer: "ZOTrainer") -> dict[str, Any]:
+    """Everything replay needs, from a ``ZOTrainer`` that has (or is) training."""
+    optimizer = trainer._zo_optimizer()
+    engine, method, args = trainer.zo_engine, trainer.zo_method, trainer.args
+    model = trainer.model
+    base = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    first = engine.targets[0].get()
+    thresholds = engine.thresholds()
+    steps = []
+    for record in optimizer.trajectory:
+        record = dict(record)
+        record["projected_gradients"] = [_json_float(v) for v in record["projected_gradients"]]
+        steps.append(record)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "base_model": base or None,
+        "method": method.name,
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "device": first.device.type,
+        "eps": args.zo_eps,
+        "seed": args.seed,
+        "num_perturbations": optimizer.num_perturbations,
+        "sparsity": method.sparsity,
+        "method_args": {name: _json_float(getattr(args, name, None)) for name in _METHOD_ARGS},
+        "targets": [t.name for t in engine.targets],  # In engine order: a tensor's noise stream depends on its index.
+        "num_trained_entries": engine.total_numel,
+        "thresholds": thresholds if any(v is not None for v in thresholds.values()) else None,
+        # How z is drawn on CPU (chunked streams); replay draws it the same way even if the defaults change.
+        "noise": {"cpu_chunks": engine.NOISE_CHUNKS, "cpu_chunked_min_numel": engine._CHUNKED_MIN_NUMEL},
+        "base_fingerprint": optimizer.base_fingerprint,
+        "fingerprint": weights_fingerprint(engine),
+        "global_step": trainer.state.global_step,
+        "steps": steps,
+    }
+
+
+def dumps_trajectory(payload: dict[str, Any]) -> str:
+    """Compact JSON, one step per line (diffable, streamable); ``python -m json.tool`` pretty-prints it."""
+    header = {k: v for k, v in payload.items() if k != "steps"}
+    lines = [json.dumps(step, separators=(",", ":"), allow_nan=False) for step in payload["steps"]]
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False)[:-1]
+    return head + ',"steps":[\n' + ",\n".join(lines) + "\n]}\n"
+
+
+def save_trajectory(trainer: "ZOTrainer", output_dir: str | os.PathLike) -> str | None:
+    """Write ``<output_dir>/zo_trajectory.json`` atomically (main process only); returns its path."""
+    if not trainer.is_zo or not trainer.args.should_save or trainer.optimizer is None:
+        return None
+    path = os.path.join(os.fspath(output_dir), TRAJECTORY_NAME)
+    write_json_atomic(path, dumps_trajectory(trajectory_payload(trainer)))
+    return path
+
+
+# ----- reading and replaying ---------------------------------------------------------------------
+def load_trajectory(path: str | os.PathLike) -> dict[str, Any]:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, TRAJECTORY_NAME)
+    if not os.path.isfile(path):
+        raise TrajectoryError(f"No trajectory file at {path!r} (ZOTrainer writes {TRAJECTORY_NAME} into checkpoints).")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            payload = json.load(handle)
+    except json.JSONDecodeError as e:
+        raise TrajectoryError(f"{path} is not a complete trajectory file: {e}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise TrajectoryError(f"{path} is not a zo_trainer trajectory (no format={FORMAT!r}).")
+    if payload.get("version", 0) > VERSION:
+        raise TrajectoryError(f"{path} has format version {payload['version']}; this zo_trainer reads <= {VERSION}.")
+    for record in payload["steps"]:
+        record["projected_gradients"] = [_from_json_float(v) for v in record["projected_gradients"]]
+    return payload
+
+
+def build_method(payload: dict[str, Any]) -> ZOMethod:
+    args = {name: _from_json_float(value) for name, value in payload.get("method_args", {}).items()}
+    args.setdefault("zo_sparsity", payload.get("sparsity"))
+    for name in _METHOD_ARGS:
+        args.setdefault(name, None)
+    args["weight_decay"] = args["weight_decay"] or 0.0
+    args["zo_train_unquantized"] = bool(args["zo_train_unquantized"])
+    args.update(zo_eps=payload.get("eps"), zo_num_perturbations=payload.get("num_perturbations"), seed=payload.get("seed"))
+    return get_method(payload["method"])(SimpleNamespace(**args))
+
+
+@torch.no_grad()
+def replay(
+    model: nn.Module,
+    payload: dict[str, Any],
+    steps: int | None = None,
+    verify: bool = True,
+    recompute_thresholds: bool = False,
+) -> ZOEngine:
+    """Apply the trajectory's updates to ``model`` (the base model) in place; returns the engine used.
+
+    ``steps``: replay only the updates up to this global step. ``verify``: check that ``model`` is the base
+    the trajectory started from (and, for a full replay, that it ends at the saved weights).
+    """
+    method = build_method(payload)
+    targets = method.targets(model)  # Before any requires_grad change: MeZO selects by requires_grad.
+    if payload.get("targets") is not None:  # Exactly the tensors that trained (some may have been frozen).
+        by_name = {t.name: t for t in targets}
+        missing = [name for name in payload["targets"] if name not in by_name]
+        if missing:
+            raise TrajectoryError(f"The base model has no tensor(s) {missing[:5]} that the trajectory trained.")
+        targets = [by_name[name] for name in payload["targets"]]
+    engine = ZOEngine(targets)
+    noise = payload.get("noise")
+    if noise:
+        engine.NOISE_CHUNKS = noise["cpu_chunks"]
+        engine._CHUNKED_MIN_NUMEL = noise["cpu_chunked_min_numel"]
+    try:
+        if verify and payload.get("base_fingerprint") is not None:
+            found = weights_fingerprint(engine)
+            if not fingerprints_match(found, payload["base_fingerprint"]):
+                raise TrajectoryError(
+                    f"The base model does not match the trajectory's start (fingerprint {found} vs "
+                    f"{payload['base_fingerprint']}): pass the model training started from "
+                    f"({payload.get('base_model')!r}), in dtype {payload.get('dtype')}."
+                )
+        if method.sparsity > 0:
+            if payload.get("thresholds") and not recompute_thresholds:
+                engine.load_thresholds(payload["thresholds"])
+            else:  # As ZOCallback does before the first step: from the base weights.
+                engine.set_thresholds(method.sparsity, select=method.is_sparsified)
+        num_perturbations = payload["num_perturbations"]
+        applied = 0
+        for index, record in enumerate(payload["steps"]):
+            if steps is not None and record.get("global_step", index + 1) > steps:
+                break
+            if record.get("skipped"):
+                continue
+            coefficients = update_coefficients(record["projected_gradients"], record["lr"], num_perturbations)
+            engine.update(record["seeds"], coefficients, lr=record["lr"])
+            applied += 1
+        logger.info("Replayed %d ZO updates (%s) on %d tensors.", applied, payload["method"], len(engine.targets))
+        full = steps is None or steps >= payload.get("global_step", 0)
+        if verify and full and payload.get("fingerprint") is not None:
+            found = weights_fingerprint(engine)
+            if not fingerprints_match(found, payload["fingerprint"]):
+                raise TrajectoryError(
+                    f"Replayed weights do not match the trained ones (fingerprint {found} vs {payload['fingerprint']}). "
+                    f"Replay on the device that trained ({payload.get('device')}) in dtype {payload.get('dtype')}."
+                )
+    finally:
+        engine.remove()
+    return engine
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="zo-replay",
+        description="Rebuild ZO fine-tuned weights from the base model and a zo_trajectory.json.",
+    )
+    parser.add_argument("--trajectory", required=True, help=f"A {TRAJECTORY_NAME} file, or a folder holding one.")
+    parser.add_argument("--base", default=None, help="The base model (Hub id or folder). Default: the one recorded.")
+    parser.add_argument("--output_dir", required=True, help="Where to save_pretrained the replayed model.")
+    parser.add_argument("--steps", type=int, default=None, help="Replay only up to this global step.")
+    parser.add_argument("--device", default=None, help="Default: the device type that trained, if available.")
+    parser.add_argument("--quantization", default=None, choices=[None, "nf4"], help="qzo: load the base in 4 bit.")
+    parser.add_argument("--recompute_thresholds", action="store_true", help="Sparse: recompute from the base weights.")
+    parser.add_argument("--no_verify", action="store_true", help="Skip the base/final weight fingerprint checks.")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse_args(argv)
+    payload = load_trajectory(args.trajectory)
+    base = args.base or payload.get("base_model")
+    if not base:
+        raise TrajectoryError("The trajectory records no base model: pass --base.")
+
+    from .train import ModelArguments, load_model
+
+    model, tokenizer = load_model(ModelArguments(model_name_or_path=base, dtype=payload.get("dtype", "float32"),
+                                                 quantization=args.quantization))
+    device = args.device or payload.get("device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        logger.warning("Trained on cuda, replaying on cpu: the weights will differ (different noise generator).")
+        device = "cpu"
+    if not getattr(model, "hf_device_map", None):
+        model.to(device)
+    replay(model, payload, steps=args.steps, verify=not args.no_verify, recompute_thresholds=args.recompute_thresholds)
+
+    from .quant import get_backend, save_quantized
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    if get_backend(model) is not None:
+        save_quantized(model, args.output_dir)
+    else:
+        model.save_pretrained(args.output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output_dir)
+    logger.info("Saved the replayed model to %s.", args.output_dir)
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    main()

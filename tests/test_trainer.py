@@ -152,6 +152,26 @@ def test_resume_is_bit_exact(tmp_path, tiny_tokenizer, rte_small, tiny_llama_fac
     assert at_checkpoint["base_fingerprint"] == uninterrupted["base_fingerprint"]
 
 
+def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory):
+    full = tiny_llama_factory()
+    make_trainer(tmp_path / "a", tiny_tokenizer, rte_small, full, max_steps=4).train()
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    make_trainer(tmp_path / "b", tiny_tokenizer, rte_small, tiny_llama_factory(), **settings).train()
+    out = tmp_path / "b" / "out"
+    # What kill -9 in the middle of saving checkpoint-4 leaves: HF writes trainer_state.json last, in place.
+    state_file = out / "checkpoint-4" / "trainer_state.json"
+    state_file.write_text(state_file.read_text()[:40])
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        make_trainer(tmp_path / "b", tiny_tokenizer, rte_small, tiny_llama_factory(), **settings).train(
+            resume_from_checkpoint=str(out / "checkpoint-4")
+        )
+    resumed = tiny_llama_factory(seed=123)
+    make_trainer(tmp_path / "b", tiny_tokenizer, rte_small, resumed, **settings).train(resume_from_checkpoint=True)
+    expected = state(full)
+    for key, value in state(resumed).items():
+        assert torch.equal(value, expected[key]), key
+
+
 def test_evaluation_reports_accuracy(tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory):
     trainer = make_trainer(tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory(), max_steps=1)
     metrics = trainer.evaluate()

@@ -8,6 +8,7 @@ HF keeps doing argument parsing, LR schedules, logging, evaluation, checkpointin
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from typing import Any, Iterator
@@ -17,7 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers import trainer as hf_trainer_module
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINER_STATE_NAME
 
 from .data import candidate_loss
 from .engine import ZOEngine, perturbation_seed, projected_gradient
@@ -78,6 +80,33 @@ class ZOTrajectoryCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         save_trajectory(self.trainer, args.output_dir)
+
+
+def is_complete_checkpoint(folder: str) -> bool:
+    """HF writes a checkpoint in place and ``trainer_state.json`` last: without it readable, the save was cut short."""
+    try:
+        with open(os.path.join(folder, TRAINER_STATE_NAME)) as handle:
+            json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The highest-step ``checkpoint-N`` in ``output_dir`` whose save finished (see ``is_complete_checkpoint``)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, number = name.partition(f"{PREFIX_CHECKPOINT_DIR}-")
+        if not prefix and number.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append(int(number))
+    for step in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if is_complete_checkpoint(folder):
+            return folder
+        logger.warning("%s is incomplete (interrupted save): skipped.", folder)
+    return None
 
 
 @contextlib.contextmanager
@@ -224,12 +253,21 @@ class ZOTrainer(Trainer):
         return loss / self.current_gradient_accumulation_steps
 
     # ----- saving --------------------------------------------------------------------------------
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            # HF would take the highest-numbered folder even if a kill cut its save short.
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
+        elif isinstance(resume_from_checkpoint, str) and not is_complete_checkpoint(resume_from_checkpoint):
+            raise ValueError(
+                f"{resume_from_checkpoint} is not a complete checkpoint (its save was interrupted: no readable "
+                f"{TRAINER_STATE_NAME}); resume from an earlier one, e.g. {last_complete_checkpoint(os.path.dirname(resume_from_checkpoint.rstrip('/')))}."
+            )
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         except NonFiniteLossError as error:
-            output_dir = self.args.output_dir
-            last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            last = last_complete_checkpoint(self.args.output_dir)
             raise NonFiniteLossError(
                 f"{error} Last checkpoint: {last or 'none was saved'} (resume with resume_from_checkpoint)."
             ) from error

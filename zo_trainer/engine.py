@@ -159,8 +159,7 @@ class ZOEngine:
             if target.index in self._swapped:
                 continue  # Tied tensor already perturbed by an earlier module of this forward.
             original = target.get()
-            shared = len(target.modules) > 1  # Lives until the forward ends: needs its own buffer.
-            perturbed = self._perturbed_tensor(target, original, step_seed, signed_eps, own_buffer=shared)
+            perturbed = self._perturbed_tensor(target, original, step_seed, signed_eps)
             self._swapped[target.index] = original
             target.set(perturbed)
 
@@ -236,19 +235,15 @@ class ZOEngine:
         magnitude = torch.abs(tensor, out=self._scratch.get(tensor, "abs"))
         return torch.le(magnitude, target.threshold, out=self._scratch.get(tensor, "mask", torch.bool))
 
-    def direction(self, target: ZOTarget, step_seed: int, tensor: torch.Tensor, slot: str = "z") -> torch.Tensor:
-        """The (masked) perturbation direction of ``target``, in a scratch buffer."""
-        mask = self.mask(target, tensor)
-        z = self.noise(target, step_seed, out=self._scratch.get(tensor, slot))
-        if mask is not None:
-            z.mul_(mask)
-        return z
+    def _noise_buffer(self, target: ZOTarget, like: torch.Tensor) -> torch.Tensor:
+        """Scratch for z of ``target``: a tied tensor's perturbed copy lives for the whole forward, so it
+        gets its own buffer (also reused by the update); all other targets share one."""
+        slot = f"tied{target.index}" if len(target.modules) > 1 else "z"
+        return self._scratch.get(like, slot)
 
-    def _perturbed_tensor(
-        self, target: ZOTarget, original: torch.Tensor, step_seed: int, signed_eps: float, own_buffer: bool
-    ) -> torch.Tensor:
+    def _perturbed_tensor(self, target: ZOTarget, original: torch.Tensor, step_seed: int, signed_eps: float) -> torch.Tensor:
         mask = self.mask(target, original)
-        z = self.noise(target, step_seed, out=self._scratch.get(original, f"shared{target.index}" if own_buffer else "z"))
+        z = self.noise(target, step_seed, out=self._noise_buffer(target, original))
         # One fused pass: original + eps * z (* mask), written over z.
         if mask is None:
             return torch.add(original, z, alpha=signed_eps, out=z)
@@ -283,7 +278,7 @@ class ZOEngine:
             for step_seed, coefficient in zip(step_seeds, coefficients):
                 if coefficient == 0.0:
                     continue
-                z = self.noise(target, step_seed, out=self._scratch.get(tensor, "z"))
+                z = self.noise(target, step_seed, out=self._noise_buffer(target, tensor))
                 if mask is None:
                     tensor.add_(z, alpha=-coefficient)
                 else:

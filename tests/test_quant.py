@@ -91,38 +91,44 @@ def test_set_restore_inplace_and_frozen(qmodel, batch):
         assert torch.equal(frozen[k], after[k]), k
 
 
-def test_zo_signal_fp32_path(qmodel, batch):
-    """Projected gradient with a seeded Gaussian z on ALL scales agrees at eps=1e-3 and 1e-4
-    (bf16 paths fail this), in eval mode after prepare()."""
-    from zo_trainer.quant import scale_tensors
+def test_zo_signal_fp32_path(qmodel, batch, tmp_path):
+    """On the QZO path (QZO's targets = every scale tensor, the engine's in-forward perturbation, fp32 dequant)
+    the projected gradient of one seed agrees at eps=1e-3 and 1e-4 on a fixed batch.
+
+    Measured on SmolLM2 (4 seeds, this batch): relative difference 0.07-15% (the larger values where |d| is
+    small: the O(eps^2) truncation term), GPTQ |d| 2..50, NF4 |d| 0.03..3.6. bf16 paths miss by 100%+ (e.g.
+    -40.8 vs -1.4, notes/int4-on-cpu.md), so 20% keeps the test sharp without depending on the seed."""
+    from zo_trainer.engine import ZOEngine, perturbation_seed, projected_gradient
+    from zo_trainer.methods import QZO
+    from zo_trainer.training_args import ZOTrainingArguments
 
     kind, model = qmodel
     model.eval()
-    scales = scale_tensors(model)
-    gen = torch.Generator().manual_seed(1234)
-    zs = [torch.randn(s.get().shape, generator=gen) for s in scales]
-    base = [s.get() for s in scales]
-    l0 = _loss(model, batch)
+    engine = ZOEngine(QZO(ZOTrainingArguments(output_dir=str(tmp_path), optim="qzo", report_to="none")).targets(model))
+    assert len(engine.targets) == 30 * 7
+    seed = perturbation_seed(0, 1)  # measured: GPTQ d = 29.86 / 29.88, NF4 d = 3.642 / 3.645 (eps 1e-3 / 1e-4)
+    try:
+        l0 = _loss(model, batch)
 
-    def projected(eps):
-        for s, t, z in zip(scales, base, zs):
-            s.set(t + eps * z)
-        lp = _loss(model, batch)
-        for s, t, z in zip(scales, base, zs):
-            s.set(t - eps * z)
-        lm = _loss(model, batch)
-        for s, t in zip(scales, base):
-            s.set(t)
-        return (lp - lm) / (2 * eps)
+        def projected(eps):
+            with torch.no_grad():
+                with engine.perturbed(seed, +eps):
+                    lp = model(**batch).loss
+                with engine.perturbed(seed, -eps):
+                    lm = model(**batch).loss
+            return projected_gradient(lp, lm, eps).item()
 
-    g3, g4 = projected(1e-3), projected(1e-4)
-    assert abs(g3 - g4) <= 0.1 * max(abs(g3), abs(g4)), (g3, g4)
-    assert _loss(model, batch) == l0
+        g3, g4 = projected(1e-3), projected(1e-4)
+        assert g3 != 0.0 and g4 != 0.0
+        assert abs(g3 - g4) <= 0.2 * max(abs(g3), abs(g4)), (g3, g4)
+        assert _loss(model, batch) == l0, "the engine must restore the scales exactly"
+    finally:
+        engine.remove()
     # no repack / bf16 path kicked in during the eval forwards
-    for s in scales:
-        assert s.get().dtype == torch.float32
+    for t in engine.targets:
+        assert t.get().dtype == torch.float32
         if kind == "nf4":
-            assert not getattr(s.module.weight.quant_state, "packing_format_for_cpu", False)
+            assert not getattr(t.modules[0].weight.quant_state, "packing_format_for_cpu", False)
 
 
 def test_save_reload_reproduces_loss(qmodel, batch, tmp_path):
@@ -190,3 +196,11 @@ def test_bnb_double_quant_rejected():
     assert backend is not None and backend.name == "nf4"
     with pytest.raises(ValueError, match="double quant.*bnb_4bit_use_double_quant=False"):
         backend.prepare(model)
+
+
+@NEED_GPTQ
+def test_nf4_on_a_gptq_checkpoint_is_refused(gptq_dir):
+    from zo_trainer.quant import load_quantized
+
+    with pytest.raises(ValueError, match="already a GPTQ checkpoint.*drop --quantization nf4"):
+        load_quantized(gptq_dir, "nf4")

@@ -41,7 +41,11 @@ class ModelArguments:
     )
     quantization: str | None = field(
         default=None,
-        metadata={"help": "Load the model in 4 bit for --optim qzo: 'nf4' (bitsandbytes).", "choices": [None, "nf4"]},
+        metadata={
+            "help": "Quantize an fp model to 4 bit on load for --optim qzo: 'nf4' (bitsandbytes, fp32 absmax). "
+            "GPTQ checkpoints (from zo-quantize) need no flag: they are recognised from their config.",
+            "choices": [None, "nf4"],
+        },
     )
 
 

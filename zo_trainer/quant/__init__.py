@@ -123,6 +123,10 @@ def load_quantized(name_or_path, quantization: str | None = None, dtype=torch.fl
         q = "gptq" if method == "gptq" else ("nf4" if method == "bitsandbytes" else q)
 
     if q in ("nf4", "fp4", "bnb", "bitsandbytes"):
+        if method and method != "bitsandbytes":
+            raise ValueError(
+                f"{path} is already a {method.upper()} checkpoint: load it as it is (drop --quantization "
+                f"{quantization}); --quantization nf4 quantizes an fp16/fp32 model on load")
         if method == "bitsandbytes":
             if ckpt_qc.get("bnb_4bit_use_double_quant"):
                 raise ValueError(

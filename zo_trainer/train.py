@@ -114,8 +114,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         argv += ["--output_dir", "zo_output"]
     parser = HfArgumentParser((ModelArguments, DataArguments, ZOTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        training_args.do_train = training_args.do_eval = True
+    # zo-train trains and evaluates unless told otherwise. HF turns do_eval on by itself whenever
+    # eval_strategy != "no", so do_train must not be inferred from the other do_* flags.
+    if not any(arg.split("=")[0] == "--do_train" for arg in argv):
+        training_args.do_train = True
+    if not any(arg.split("=")[0] == "--do_eval" for arg in argv):
+        training_args.do_eval = True
     if model_args.quantization and training_args.optim != "qzo":
         logger.warning("--quantization %s with --optim %s: only qzo trains 4-bit models.", model_args.quantization, training_args.optim)
     return model_args, data_args, training_args

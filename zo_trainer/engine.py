@@ -315,6 +315,11 @@ class ZOEngine:
         """Per-target threshold = the (1 - sparsity) quantile of |t|, from the current values.
 
         ``kthvalue`` selects in linear time on a copy of one tensor: no sorted copy of a large layer.
+
+        A target whose |t| is constant (LoRA's zero-initialised ``lora_B``) or whose quantile is 0 gets no
+        threshold and is trained densely: the magnitude rule cannot rank entries that all tie, and the mask
+        ``|t| <= 0`` holds only exact zeros, which leave it at their first update, freezing the tensor for
+        good after step 1. Such tensors are small adapter matrices in practice, so dense costs little.
         """
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"zo_sparsity must be in [0, 1), got {sparsity}.")
@@ -324,9 +329,10 @@ class ZOEngine:
             if sparsity == 0.0:
                 target.threshold = None
                 continue
-            magnitude = target.get().detach().abs().flatten()
+            magnitude = target.get().detach().abs().flatten().float()
             k = max(1, math.ceil((1.0 - sparsity) * magnitude.numel()))
-            target.threshold = float(magnitude.float().kthvalue(k).values)
+            threshold = float(magnitude.kthvalue(k).values)
+            target.threshold = None if threshold == 0.0 or _all_equal(magnitude) else threshold
         self.thresholds_fixed = True
 
     def thresholds(self) -> dict[str, float | None]:
@@ -338,6 +344,15 @@ class ZOEngine:
                 target.threshold = thresholds[target.name]
         # Accelerate round-trips the optimizer state at prepare time: all-None thresholds mean not fixed yet.
         self.thresholds_fixed = any(value is not None for value in thresholds.values())
+
+
+def _all_equal(flat: torch.Tensor) -> bool:
+    """Whether every entry of a 1-D tensor equals the first. A prefix settles it for almost every real tensor,
+    so the full pass (slow on CPU for mid-sized tensors) runs only for tensors that are constant so far."""
+    head = flat[:4096]
+    if not torch.equal(head, flat[:1].expand_as(head)):
+        return False
+    return torch.equal(flat, flat[:1].expand_as(flat))
 
 
 def projected_gradient(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:

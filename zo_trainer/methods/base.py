@@ -13,6 +13,15 @@ if TYPE_CHECKING:
     from ..training_args import ZOTrainingArguments
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """A PEFT ``PeftModel`` (or a transformers model with adapters from ``load_adapter``): both carry ``peft_config``.
+
+    Its trainable tensors are the ones PEFT left ``requires_grad=True`` when it wrapped the model (the
+    adapters, plus any ``modules_to_save``); methods read that marker before ``ZOTrainer`` turns it off.
+    """
+    return bool(getattr(model, "peft_config", None))
+
+
 class ZOMethod:
     """A zeroth-order method over the shared engine (``zo_trainer.engine.ZOEngine``)."""
 
@@ -27,6 +36,13 @@ class ZOMethod:
 
     def targets(self, model: nn.Module) -> list[ZOTarget]:
         raise NotImplementedError
+
+    @staticmethod
+    def prepare_frozen_quantized_base(model: nn.Module) -> None:
+        """Adapters over a 4-bit base (QLoRA): the base stays frozen but must be read in fp32 on CPU."""
+        from ..quant.bnb import keep_fp32_cpu_path
+
+        keep_fp32_cpu_path(model)
 
     def is_sparsified(self, target: ZOTarget) -> bool:
         """Targets that Sparse-MeZO's magnitude rule applies to (the others stay dense)."""

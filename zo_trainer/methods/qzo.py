@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from ..engine import ZOTarget, parameter_targets
-from .base import ZOMethod
+from .base import ZOMethod, is_peft_model
+
+PEFT_QZO_MESSAGE = (
+    "optim='qzo' trains the quantization scales of the 4-bit base model, which a PEFT adapter cannot save or "
+    "reload; to train LoRA adapters (also on a 4-bit base, the QLoRA layout) use optim='mezo' or 'sparse_mezo', "
+    "or run qzo on the quantized model without adapters."
+)
 
 
 class QZO(ZOMethod):
@@ -22,6 +28,10 @@ class QZO(ZOMethod):
     def targets(self, model: nn.Module) -> list[ZOTarget]:
         from ..quant import scale_tensors
 
+        if is_peft_model(model):
+            # The trained scales live in the base model, which a PEFT adapter neither saves nor reloads:
+            # PeftModel.from_pretrained(base, dir) would silently give back the untrained scales.
+            raise ValueError(PEFT_QZO_MESSAGE)
         scales = scale_tensors(model)
         tiny = torch.finfo(torch.float32).tiny
         targets = [

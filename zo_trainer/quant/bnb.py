@@ -25,7 +25,7 @@ from .base import QuantBackend, ScaleTensor, as_fp32_master
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BnbNF4Backend", "is_bnb_4bit_module"]
+__all__ = ["BnbNF4Backend", "is_bnb_4bit_module", "keep_fp32_cpu_path"]
 
 
 def is_bnb_4bit_module(module: torch.nn.Module) -> bool:
@@ -56,6 +56,19 @@ def _make_set(module):
         _qs(module).absmax = t
 
     return _set
+
+
+def keep_fp32_cpu_path(model: torch.nn.Module) -> None:
+    """A frozen 4-bit base under trainable adapters (the QLoRA layout): keep bnb's fp32 dequantize path on CPU.
+
+    bnb repacks a ``Linear4bit`` for its fused bf16 CPU kernel at the first eval-mode no-grad forward, which
+    is every ZO forward: its rounding is as large as the ZO signal (see the module docstring). Only layers
+    with an fp32 (or unset) compute dtype are kept on the fp32 path; a bf16 compute dtype is the user's
+    choice. Nothing else changes: the base stays frozen, so double quantization is fine here.
+    """
+    for module in model.modules():
+        if is_bnb_4bit_module(module) and getattr(module, "compute_dtype", None) in (None, torch.float32):
+            module.support_avx512bf16_for_cpu = False
 
 
 class BnbNF4Backend(QuantBackend):

@@ -26,9 +26,17 @@ GPTQMODEL_PIN="gptqmodel==7.7.0"
 TORCHAO_PIN="torchao==0.18.0"
 GPTQMODEL_NEEDS=(
     "defuser>=0.0.28" "device-smi>=0.5.7" "logbar>=0.4.15" "pypcre>=0.6.4" "tokenicer>=0.0.14"
-    "threadpoolctl>=3.7.0" "protobuf>=7.36.2" "pillow" "ninja>=1.13.2" "$TORCHAO_PIN"
+    "threadpoolctl>=3.7.0" "protobuf>=7.36.2" "pillow" "ninja>=1.13.2"
     "jinja2" "requests" "dill" "pyarrow" "packaging" "filelock" "safetensors" "datasets"
 )
+# torchao is optional for gptqmodel (NVFP4 checkpoints, GPU only). PyPI's torchao wheels carry CUDA extensions
+# (_C_*.so linked against libtorch_cuda.so): under a CPU torch every `import transformers` that reaches its
+# quantizers printed "Failed to load .../torchao/_C_*.so" and torch pytree deprecation warnings. No torchao release
+# on PyPI is built for a CPU torch, so it is installed only with a CUDA torch, and removed from a CPU environment.
+TORCH_HAS_CUDA="$("$PY" -c 'import torch; print(int(torch.version.cuda is not None))')"
+if [ "$TORCH_HAS_CUDA" = "1" ]; then
+    GPTQMODEL_NEEDS+=("$TORCHAO_PIN")
+fi
 
 CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
@@ -38,6 +46,11 @@ echo "[install_quant] python: $("$PY" -c 'import sys; print(sys.executable)')  t
 
 # 1) bitsandbytes + optimum + gptqmodel's runtime needs, never touching torch.
 "${PIP[@]}" -c "$CONSTRAINTS" "$BNB_PIN" "$OPTIMUM_PIN" "${GPTQMODEL_NEEDS[@]}"
+
+if [ "$TORCH_HAS_CUDA" != "1" ] && "$PY" -m pip show -q torchao 2>/dev/null; then
+    echo "[install_quant] removing torchao (CUDA-only extensions; it made every transformers import print warnings)"
+    "$PY" -m pip uninstall -y -q torchao
+fi
 
 # 2) gptqmodel itself without its (CUDA-torch) dependency pins.
 if "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('gptqmodel') == '${GPTQMODEL_PIN#*==}' else 1)" 2>/dev/null; then
@@ -55,5 +68,5 @@ assert torch.__version__.split("+")[0] == want, f"torch changed: {torch.__versio
 import bitsandbytes, optimum, gptqmodel  # noqa: F401
 print("[install_quant] ok: torch", torch.__version__,
       "| bitsandbytes", md.version("bitsandbytes"), "| optimum", md.version("optimum"),
-      "| gptqmodel", md.version("gptqmodel"), "| torchao", md.version("torchao"))
+      "| gptqmodel", md.version("gptqmodel"))
 EOF

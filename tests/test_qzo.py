@@ -69,7 +69,7 @@ def zo_train(monkeypatch):
     monkeypatch.setattr(train_module, "ZOTrainer", RecordingZOTrainer)
 
     def run(flags):
-        metrics = train_module.main(flags)
+        metrics = train_module.run(flags)
         (trainer,) = built
         built.clear()
         return metrics, trainer

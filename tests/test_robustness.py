@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from zo_trainer.optim import NonFiniteLossError
-from zo_trainer.replay import TRAJECTORY_NAME, TrajectoryError, load_trajectory, main as replay_main, replay
+from zo_trainer.replay import TRAJECTORY_NAME, TrajectoryError, load_trajectory, replay, run as replay_run
 
 from test_trainer import make_trainer, rte_small, state  # noqa: F401  (rte_small is a fixture)
 
@@ -63,7 +63,7 @@ def test_replay_rebuilds_trained_weights_bit_exactly(tmp_path, tiny_base_dir, ti
         assert saved["thresholds"] == trainer.zo_engine.thresholds()
     assert trajectory(out / "checkpoint-2")["steps"] == saved["steps"][:2]
 
-    replay_main(["--trajectory", str(out), "--output_dir", str(tmp_path / "replayed")])  # --base from the file.
+    replay_run(["--trajectory", str(out), "--output_dir", str(tmp_path / "replayed")])  # --base from the file.
     replayed = load_file(str(tmp_path / "replayed" / "model.safetensors"))
     trained = state(model)
     assert replayed.keys() <= trained.keys() and "model.embed_tokens.weight" in replayed
@@ -249,7 +249,7 @@ def test_bad_input_fails_before_the_model_is_loaded(tmp_path, small_rte, monkeyp
     argv = ["--task", "rte", "--data_dir", str(small_rte), "--optim", "mezo", "--num_train", "6", "--num_dev", "2",
             "--num_eval", "4", "--output_dir", str(output_dir), "--report_to", "none", *flags]
     with pytest.raises(ValueError, match=message):
-        train.main(argv)
+        train.run(argv)
     assert not output_dir.exists() or not any(output_dir.iterdir())
 
 
@@ -293,3 +293,71 @@ def test_replay_trains_exactly_the_tensors_that_trained(tmp_path, tiny_tokenizer
     replay(rebuilt, payload)
     for key, value in state(rebuilt).items():
         assert torch.equal(value, state(model)[key]), key
+
+
+# ----- issue 8: non-finite values never crash or hide; quantization recorded ---------------------------------------
+def test_skipped_steps_log_nan_and_the_trajectory_stays_strict_json(tmp_path, tiny_tokenizer, rte_small,
+                                                                    tiny_llama_factory):
+    model = tiny_llama_factory()
+    NaNOnCalls(model, {call: float("nan") for call in range(0, 4)})  # Global steps 1 and 2: both passes NaN.
+    trainer = make_trainer(tmp_path, tiny_tokenizer, rte_small, model, max_steps=3, zo_max_skipped_steps=5)
+    trainer.train()
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    assert math.isnan(losses[1]) and math.isnan(losses[2]) and math.isfinite(losses[3])  # Never a perfect 0.
+    records = trajectory(tmp_path / "out")["steps"]
+    assert [r.get("skipped", False) for r in records] == [True, True, False]
+    assert records[0]["projected_gradients"] == ["nan"]
+
+
+def test_trajectory_writer_and_reader_survive_non_finite_values(tmp_path, tiny_tokenizer, rte_small,
+                                                                tiny_llama_factory):
+    from zo_trainer.replay import dumps_trajectory, trajectory_payload
+
+    trainer = make_trainer(tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory(), max_steps=1)
+    trainer.train()
+    payload = trajectory_payload(trainer)
+    payload["fingerprint"] = [float("nan"), float("inf")]  # A diverged run's weights.
+    payload["steps"].append({"global_step": 2, "seeds": [1], "projected_gradients": [float("-inf")], "lr": 1e-3,
+                             "skipped": True})
+    text = dumps_trajectory(payload)  # Used to raise "Out of range float values are not JSON compliant".
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    (tmp_path / "t.json").write_text(text)
+    loaded = load_trajectory(tmp_path / "t.json")
+    assert math.isnan(loaded["fingerprint"][0]) and loaded["steps"][-1]["projected_gradients"] == [float("-inf")]
+    rebuilt = tiny_llama_factory()
+    replay(rebuilt, loaded, verify=False)  # The skipped record is skipped.
+
+
+def test_finite_check_names_the_tensor(tiny_llama_factory):
+    from zo_trainer.optim import check_finite_weights
+
+    model = tiny_llama_factory()
+    check_finite_weights(model)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight'"):
+        check_finite_weights(model, "some/dir")
+
+
+@pytest.mark.quant
+def test_qzo_trajectory_records_nf4_and_replay_uses_it(tmp_path, tiny_base_dir, small_rte):
+    pytest.importorskip("bitsandbytes")
+    from zo_trainer import train
+
+    out = tmp_path / "qzo"
+    train.run(["--model_name_or_path", str(tiny_base_dir), "--task", "rte", "--data_dir", str(small_rte),
+               "--quantization", "nf4", "--optim", "qzo", "--learning_rate", "1e-3", "--max_steps", "2",
+               "--num_train", "6", "--num_dev", "2", "--num_eval", "4", "--max_length", "64",
+               "--per_device_train_batch_size", "3", "--save_strategy", "no", "--report_to", "none",
+               "--disable_tqdm", "true", "--output_dir", str(out)])
+    assert trajectory(out)["quantization"] == "nf4"
+    replay_run(["--trajectory", str(out), "--output_dir", str(tmp_path / "rebuilt")])  # No --quantization needed.
+    rebuilt, trained = (load_file(str(folder / "model.safetensors")) for folder in (tmp_path / "rebuilt", out))
+    absmax = [key for key in trained if "absmax" in key]
+    assert absmax and all(torch.equal(rebuilt[key], trained[key]) for key in absmax)
+    payload = json.loads((out / TRAJECTORY_NAME).read_text())
+    payload["quantization"] = None
+    (tmp_path / "plain.json").write_text(json.dumps(payload))
+    with pytest.raises(TrajectoryError, match="trained with quantization None"):
+        replay_run(["--trajectory", str(tmp_path / "plain.json"), "--output_dir", str(tmp_path / "x"),
+                    "--quantization", "nf4"])

@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import datasets
 import numpy as np
@@ -49,6 +49,12 @@ def _check_example(task: Task, example: Any, where: str) -> None:
             f"{where}: missing required field(s) {missing} for task {task.name!r} "
             f"(required: {list(task.fields) + ['label']})"
         )
+    empty = [f for f in task.fields if example[f] is None or (isinstance(example[f], str) and not example[f].strip())]
+    if empty:  # A null field would be formatted into the prompt as the text "None".
+        raise ValueError(
+            f"{where}: field(s) {empty} of task {task.name!r} are null or empty; every example needs "
+            f"non-empty {list(task.fields)}"
+        )
     label = example["label"]
     try:
         ok = label in task.label_map
@@ -64,8 +70,15 @@ def _check_example(task: Task, example: Any, where: str) -> None:
 def _read_jsonl(task: Task, path: Path) -> int:
     """Validate a jsonl file line by line; returns the number of examples."""
     n = 0
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:  # Bytes, decoded per line: a bad byte is reported with its file and line.
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}: line {lineno} is not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column "
+                    f"{e.start + 1}); re-encode the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue  # datasets' json reader skips blank lines too
             try:
@@ -259,6 +272,9 @@ class CandidateCollator:
     """
 
     tokenizer: Any
+    # Dataset columns read here. They are no arguments of the model's forward, so ZOTrainer adds them to Trainer's
+    # signature columns: HF's default remove_unused_columns=True would drop them otherwise.
+    input_columns: ClassVar[tuple[str, ...]] = ("prompt_ids", "candidate_ids", "labels", "label")
 
     @property
     def pad_token_id(self) -> int:

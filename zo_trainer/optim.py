@@ -22,7 +22,33 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised after too many consecutive steps with a NaN/inf loss."""
+    """Raised after too many consecutive steps with a NaN/inf loss, or as soon as the weights became non-finite."""
+
+
+# A projected gradient of exactly 0 this many steps in a row means L(w + eps z) == L(w - eps z) bit for bit: the loss
+# no longer responds to the weights (saturated by a huge learning rate, or nothing is perturbed). Warned about.
+DEAD_RUN_STEPS = 10
+
+
+@torch.no_grad()
+def first_non_finite(named_tensors) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
+    for name, tensor in named_tensors:
+        if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def check_finite_weights(model: torch.nn.Module, source: str | None = None) -> None:
+    """Refuse a model whose weights hold NaN/inf (a corrupt file): every ZO step on it would be skipped."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    bad = first_non_finite(named)
+    if bad is not None:
+        where = f" loaded from {source}" if source else ""
+        raise ValueError(
+            f"the model{where} has non-finite values (NaN or inf) in tensor {bad!r}: the weights file is corrupt or "
+            "was saved from a diverged run; load an intact checkpoint"
+        )
 
 
 def update_coefficients(values: list[float], lr: float, num_perturbations: int) -> list[float]:
@@ -82,6 +108,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._global_step: int | None = None  # HF's global_step once the pending step is applied.
         self.base_fingerprint: list[float] | None = None  # Of the weights before the first step (zo-replay checks it).
         self.communicated_bytes = 0  # Bytes this process put into all_reduce (data parallel only).
+        self.consecutive_zero_gradients = 0
+        self._window_steps = 0  # Optimizer steps since the last log, and how many of them were skipped.
+        self._window_skips = 0
 
     def accumulate(self, index: int, seed: int, projected_gradient: torch.Tensor, step: int | None = None) -> None:
         """Record micro-batch estimate ``projected_gradient`` of direction ``index`` (seed ``seed``).
@@ -122,9 +151,18 @@ class ZOOptimizer(torch.optim.Optimizer):
         record: dict[str, Any] = {"seeds": seeds, "projected_gradients": values, "lr": lr}
         if global_step is not None:
             record = {"global_step": global_step, **record}
+        self._window_steps += 1
         if not all(math.isfinite(v) for v in values):
             self.consecutive_skips += 1
+            self._window_skips += 1
             where = f"global step {global_step}" if global_step is not None else f"step {len(self.trajectory) + 1}"
+            bad = first_non_finite((t.name, t.get()) for t in self.engine.targets)
+            if bad is not None:  # Skipping cannot help: every later step would be non-finite too.
+                self.trajectory.append({**record, "skipped": True})
+                raise NonFiniteLossError(
+                    f"the weights became non-finite (tensor {bad!r} holds NaN/inf), so the loss at {where} is "
+                    f"non-finite; the update of the step before diverged (learning rate {lr:g} too large?). Stopping."
+                )
             logger.warning(
                 "ZO update at %s skipped: non-finite loss (projected gradients %s); weights unchanged "
                 "(%d consecutive skip(s), limit zo_max_skipped_steps=%d).",
@@ -142,7 +180,28 @@ class ZOOptimizer(torch.optim.Optimizer):
                 )
             return None
         self.consecutive_skips = 0
-        self.engine.update(seeds, update_coefficients(values, lr, self.num_perturbations), lr=lr)
+        if all(v == 0.0 for v in values):
+            self.consecutive_zero_gradients += 1
+            if self.consecutive_zero_gradients == DEAD_RUN_STEPS:
+                logger.warning(
+                    "The projected gradient was exactly 0 for %d steps in a row (up to global step %s): "
+                    "L(w + eps z) == L(w - eps z) bit for bit, so training no longer moves the weights. The loss is "
+                    "saturated (learning rate %g too large? weights huge?) or zo_eps is too small for the dtype.",
+                    DEAD_RUN_STEPS, global_step, lr,
+                )
+        else:
+            self.consecutive_zero_gradients = 0
+        coefficients = update_coefficients(values, lr, self.num_perturbations)
+        limit = self._largest_finite()
+        if any(not abs(c) <= limit for c in coefficients):  # torch would refuse the alpha half-way through the update.
+            self.trajectory.append({**record, "skipped": True})
+            where = f"global step {global_step}" if global_step is not None else f"step {len(self.trajectory)}"
+            raise NonFiniteLossError(
+                f"the update at {where} (learning rate {lr:g} x projected gradient {values}) overflows the weights' "
+                f"dtype (largest finite value {limit:g}): the learning rate is far too large. The weights were not "
+                "changed."
+            )
+        self.engine.update(seeds, coefficients, lr=lr)
         self.trajectory.append(record)
         self.last_projected_gradients = values
         self._logged_sum += sum(values) / len(values)
@@ -157,6 +216,18 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._logged_sum, self._logged_count = 0.0, 0
         return value
 
+    def _largest_finite(self) -> float:
+        if getattr(self, "_finite_limit", None) is None:
+            dtypes = {t.get().dtype for t in self.engine.targets if t.get().is_floating_point()}
+            self._finite_limit = min((torch.finfo(d).max for d in dtypes), default=math.inf)
+        return self._finite_limit
+
+    def pop_window_skips(self) -> tuple[int, int]:
+        """(skipped steps, optimizer steps) since the last call: a logging window made only of skips has no loss."""
+        counts = (self._window_skips, self._window_steps)
+        self._window_skips = self._window_steps = 0
+        return counts
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         pass  # There are no gradients.
 
@@ -166,6 +237,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "thresholds": self.engine.thresholds(),
             "trajectory": self.trajectory,
             "consecutive_skips": self.consecutive_skips,
+            "consecutive_zero_gradients": self.consecutive_zero_gradients,
             "base_fingerprint": self.base_fingerprint,
         }
 
@@ -175,4 +247,5 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.engine.load_thresholds(state_dict.get("thresholds", {}))
         self.trajectory = list(state_dict.get("trajectory", []))
         self.consecutive_skips = state_dict.get("consecutive_skips", 0)
+        self.consecutive_zero_gradients = state_dict.get("consecutive_zero_gradients", 0)
         self.base_fingerprint = state_dict.get("base_fingerprint")

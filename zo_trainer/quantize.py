@@ -41,26 +41,33 @@ def _task_formatter(task: str):
 
 
 def calibration_texts(args) -> list[str]:
+    from .cli_errors import UsageError
+
     if args.calibration_file:
         lines = pathlib.Path(args.calibration_file).read_text(encoding="utf-8").splitlines()
         texts = [ln.replace("\\n", "\n") for ln in lines if ln.strip()]
     else:
         if not args.data_dir:
-            raise SystemExit("zo-quantize: pass --data_dir (with --task) or --calibration_file")
+            raise UsageError("no calibration data: pass --data_dir (with --task) or --calibration_file")
         fmt = _task_formatter(args.task)
         path = pathlib.Path(args.data_dir)
         if path.is_dir():
             path = path / "train.jsonl"
+        if not path.is_file():
+            raise UsageError(f"calibration data {path} does not exist (--data_dir: a folder with train.jsonl)")
         texts = []
         with open(path, encoding="utf-8") as f:
-            for line in f:
+            for lineno, line in enumerate(f, start=1):
                 if line.strip():
-                    texts.append(fmt(json.loads(line)))
+                    try:
+                        texts.append(fmt(json.loads(line)))
+                    except (ValueError, KeyError) as e:
+                        raise UsageError(f"{path}: line {lineno} is not a {args.task} example ({e})") from None
                 if len(texts) >= args.num_calibration:
                     break
     texts = texts[: args.num_calibration]
     if not texts:
-        raise SystemExit("zo-quantize: no calibration text")
+        raise UsageError("no calibration text (the file or split is empty)")
     return texts
 
 
@@ -119,13 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run(argv=None) -> str:
+    """The whole zo-quantize program from Python: returns the output folder; raises on bad input."""
+    from .cli_errors import usage_errors_in_one_line
+
+    parser = build_parser()
+    usage_errors_in_one_line(parser, "zo-quantize")
+    args = parser.parse_args(argv)
     texts = calibration_texts(args)
-    quantize(args.model_name_or_path, args.output_dir, texts, bits=args.bits,
-             group_size=args.group_size, max_length=args.max_length, batch_size=args.batch_size,
-             desc_act=args.desc_act, damp_percent=args.damp_percent)
-    return 0
+    return quantize(args.model_name_or_path, args.output_dir, texts, bits=args.bits,
+                    group_size=args.group_size, max_length=args.max_length, batch_size=args.batch_size,
+                    desc_act=args.desc_act, damp_percent=args.damp_percent)
+
+
+def main(argv=None) -> int:
+    """The ``zo-quantize`` console script: exit status 0 on success, 2 for bad input, 1 for a failed run."""
+    from .cli_errors import run_console_script
+
+    return run_console_script("zo-quantize", run, argv)
 
 
 if __name__ == "__main__":

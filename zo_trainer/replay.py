@@ -58,6 +58,43 @@ def _from_json_float(value: Any) -> Any:
     return float(value) if isinstance(value, str) else value
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (at any depth) written as a string: the file is always strict JSON."""
+    if isinstance(value, float):
+        return _json_float(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return _json_safe(value.item())
+    return value
+
+
+def _resume_state(trainer: "ZOTrainer", optimizer: Any) -> dict[str, Any]:
+    """What ``--save_only_model`` would otherwise lose: the LR schedule's position and the optimizer's counters."""
+    scheduler = getattr(trainer, "lr_scheduler", None)
+    scheduler_state = None
+    if scheduler is not None:
+        try:
+            scheduler_state = _json_safe(scheduler.state_dict())
+            json.dumps(scheduler_state, allow_nan=False)
+        except (TypeError, ValueError):  # A scheduler with non-JSON state: resuming it needs scheduler.pt.
+            scheduler_state = None
+    param_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        param_groups = _json_safe(param_groups)
+        json.dumps(param_groups, allow_nan=False)
+    except (TypeError, ValueError):
+        param_groups = None
+    return {
+        "lr_scheduler": scheduler_state,
+        "param_groups": param_groups,
+        "consecutive_skips": optimizer.consecutive_skips,
+        "consecutive_zero_gradients": getattr(optimizer, "consecutive_zero_gradients", 0),
+    }
+
+
 def write_json_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` so a reader (or a crash, kill -9 included) sees the old file or the new one.
 
@@ -94,6 +131,9 @@ def trajectory_payload(trainer: "ZOTrainer") -> dict[str, Any]:
     base = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     first = engine.targets[0].get()
     thresholds = engine.thresholds()
+    from .quant import get_backend
+
+    backend = get_backend(model)
     steps = []
     for record in optimizer.trajectory:
         record = dict(record)
@@ -105,6 +145,7 @@ def trajectory_payload(trainer: "ZOTrainer") -> dict[str, Any]:
         "base_model": base or None,
         "method": method.name,
         "dtype": str(first.dtype).removeprefix("torch."),
+        "quantization": backend.name if backend is not None else None,  # zo-replay loads the base the same way.
         "device": first.device.type,
         "eps": args.zo_eps,
         "seed": args.seed,
@@ -119,12 +160,15 @@ def trajectory_payload(trainer: "ZOTrainer") -> dict[str, Any]:
         "base_fingerprint": optimizer.base_fingerprint,
         "fingerprint": weights_fingerprint(engine),
         "global_step": trainer.state.global_step,
+        # The rest of the ZO state, so a checkpoint without optimizer.pt (--save_only_model) resumes exactly.
+        "resume": _resume_state(trainer, optimizer),
         "steps": steps,
     }
 
 
 def dumps_trajectory(payload: dict[str, Any]) -> str:
     """Compact JSON, one step per line (diffable, streamable); ``python -m json.tool`` pretty-prints it."""
+    payload = _json_safe(payload)  # NaN/inf (a diverged run's fingerprint, a skipped step) never break the save.
     header = {k: v for k, v in payload.items() if k != "steps"}
     lines = [json.dumps(step, separators=(",", ":"), allow_nan=False) for step in payload["steps"]]
     head = json.dumps(header, separators=(",", ":"), allow_nan=False)[:-1]
@@ -156,8 +200,15 @@ def load_trajectory(path: str | os.PathLike) -> dict[str, Any]:
         raise TrajectoryError(f"{path} is not a zo_trainer trajectory (no format={FORMAT!r}).")
     if payload.get("version", 0) > VERSION:
         raise TrajectoryError(f"{path} has format version {payload['version']}; this zo_trainer reads <= {VERSION}.")
-    for record in payload["steps"]:
-        record["projected_gradients"] = [_from_json_float(v) for v in record["projected_gradients"]]
+    try:
+        for record in payload["steps"]:
+            record["projected_gradients"] = [_from_json_float(v) for v in record["projected_gradients"]]
+            record["lr"] = _from_json_float(record["lr"])
+        for key in ("base_fingerprint", "fingerprint"):
+            if payload.get(key) is not None:
+                payload[key] = [_from_json_float(v) for v in payload[key]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrajectoryError(f"{path} has a malformed step record ({e!r}).") from None
     return payload
 
 
@@ -246,24 +297,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="Where to save_pretrained the replayed model.")
     parser.add_argument("--steps", type=int, default=None, help="Replay only up to this global step.")
     parser.add_argument("--device", default=None, help="Default: the device type that trained, if available.")
-    parser.add_argument("--quantization", default=None, choices=[None, "nf4"], help="qzo: load the base in 4 bit.")
+    parser.add_argument(
+        "--quantization", default=None, choices=["nf4"],
+        help="qzo: load the base in 4 bit. Default: as recorded in the trajectory (GPTQ bases are recognised "
+        "by their config).",
+    )
     parser.add_argument("--recompute_thresholds", action="store_true", help="Sparse: recompute from the base weights.")
     parser.add_argument("--no_verify", action="store_true", help="Skip the base/final weight fingerprint checks.")
+    from .cli_errors import usage_errors_in_one_line
+
+    usage_errors_in_one_line(parser, "zo-replay")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> str:
+def run(argv: Sequence[str] | None = None) -> str:
+    """The whole zo-replay program from Python: returns the output folder; raises on bad input."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
     payload = load_trajectory(args.trajectory)
     base = args.base or payload.get("base_model")
     if not base:
         raise TrajectoryError("The trajectory records no base model: pass --base.")
+    recorded = payload.get("quantization")
+    quantization = args.quantization
+    if recorded == "nf4" and quantization is None:
+        quantization = "nf4"  # Trained on a base quantized to NF4 on load: replay on the same.
+    elif quantization is not None and recorded != quantization:
+        raise TrajectoryError(
+            f"--quantization {quantization}, but the trajectory was trained with quantization {recorded!r}: "
+            "drop the flag (the recorded setting is used)."
+        )
 
     from .train import ModelArguments, load_model
 
     model, tokenizer = load_model(ModelArguments(model_name_or_path=base, dtype=payload.get("dtype", "float32"),
-                                                 quantization=args.quantization))
+                                                 quantization=quantization))
+    if recorded == "gptq":
+        from .quant import get_backend
+
+        found = get_backend(model)
+        if found is None or found.name != "gptq":
+            raise TrajectoryError(f"The trajectory trained a GPTQ model, but --base {base} is not a GPTQ checkpoint.")
     device = args.device or payload.get("device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         logger.warning("Trained on cuda, replaying on cpu: the weights will differ (different noise generator).")
@@ -285,5 +359,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     return args.output_dir
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``zo-replay`` console script: exit status 0 on success, 2 for bad input, 1 for a failed write."""
+    from .cli_errors import run_console_script
+
+    return run_console_script("zo-replay", run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -26,6 +27,8 @@ def _launched_on_cpu_only() -> bool:
     accelerator = getattr(torch, "accelerator", None)
     has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
     return not has_accelerator
+
+
 _OPTIM_CHOICES = list(ZO_OPTIMIZERS) + [o.value for o in OptimizerNames]
 
 
@@ -71,10 +74,6 @@ class ZOTrainingArguments(TrainingArguments):
         default=10,
         metadata={"help": "Stop with an error after this many consecutive steps skipped for a non-finite loss."},
     )
-    remove_unused_columns: bool = field(
-        default=False,
-        metadata={"help": "Kept False: the candidate-scoring collator needs the tokenized columns."},
-    )
 
     @property
     def is_zo(self) -> bool:
@@ -83,11 +82,20 @@ class ZOTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         zo_name = str(self.optim) if str(self.optim) in ZO_OPTIMIZERS else None
         if zo_name is not None:
+            default = {f.name: f.default for f in dataclasses.fields(self)}.get("gradient_checkpointing")
+            if self.gradient_checkpointing and default is True:
+                # A subclass turns it on by default (TRL's SFTConfig); a ZO step has no backward to checkpoint.
+                logger.info("%s: gradient_checkpointing off (its default is on; ZO runs no backward).", type(self).__name__)
+                self.gradient_checkpointing = None  # Unset: HF resolves it to False, without its deprecation warning.
             self._validate_zo(zo_name)
+            if int(os.environ.get("RANK", "0")) != 0:
+                # Warnings once per run, not once per process: the other ranks log errors only (data preparation
+                # before the Trainer exists included; ZOTrainer confirms it from the Trainer's own process index).
+                logging.getLogger("zo_trainer").setLevel(logging.ERROR)
             if _launched_on_cpu_only() and not self.use_cpu:
                 # torchrun / accelerate launch on a machine without an accelerator: Accelerate only sets up
                 # MULTI_CPU (gloo, sharded data) with use_cpu; otherwise every process would train on all the data.
-                logger.info("Data-parallel ZO on CPU: %s processes, use_cpu=True (gloo).", os.environ["WORLD_SIZE"])
+                # (The layout is logged at train start, once logging is set up: see trainer.ZOLayoutCallback.)
                 self.use_cpu = True
             # The parent converts ``optim`` to HF's enum, which has no ZO names: hold ours aside meanwhile.
             self.optim = OptimizerNames.SGD.value
@@ -130,3 +138,30 @@ class ZOTrainingArguments(TrainingArguments):
             problems.append("gradient_checkpointing saves backward memory; ZO runs no backward, so turn it off.")
         if problems:
             raise ValueError(f"Invalid arguments for optim={name!r}:\n  - " + "\n  - ".join(problems))
+
+
+def _plain_trainer_refusal(optim: str):
+    def refuse(ctx) -> None:
+        raise ValueError(
+            f"optim={optim!r} is a zeroth-order optimizer, which transformers' plain Trainer cannot run: build the "
+            "trainer with zo_trainer.ZOTrainer instead of Trainer, or call zo_trainer.enable() before creating it "
+            "(or launch an unmodified script with `zo-run script.py ...`)."
+        )
+
+    return refuse
+
+
+def _register_plain_trainer_refusals() -> None:
+    """Make HF's own Trainer refuse a ZO ``optim`` with a message naming the fix, not "unsupported optimizer".
+
+    ``Trainer.create_optimizer`` looks ``args.optim`` up in this table; ``ZOTrainer`` never reaches it for ZO names.
+    """
+    try:
+        from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+    except ImportError:  # A transformers without the table: HF's own "unsupported optimizer" error stands.
+        return
+    for name in ZO_OPTIMIZERS:
+        _OPTIMIZER_HANDLERS.setdefault(name, _plain_trainer_refusal(name))
+
+
+_register_plain_trainer_refusals()

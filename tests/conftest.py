@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+from zo_trainer import ZOTrainer, ZOTrainingArguments
+from zo_trainer.data import CandidateCollator, compute_accuracy, load_task_splits, prepare_dataset
+from zo_trainer.quant.gptq import set_cpu_workers
+from zo_trainer.tasks import get_task
+
+set_cpu_workers()  # Before any test imports gptqmodel.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RTE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "superglue" / "rte"
@@ -33,15 +38,15 @@ def tiny_tokenizer(rte_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from zo_trainer.tasks import get_task
-
     task = get_task("rte")
     rows = [json.loads(line) for line in (rte_dir / "train.jsonl").read_text().splitlines()[:400]]
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(vocab_size=1500, special_tokens=["[PAD]", "[UNK]", "<s>", "</s>"])
     tok.train_from_iterator([task.format_prompt(r) for r in rows] + ["Yes No"], trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]"
     )
@@ -49,11 +54,12 @@ def tiny_tokenizer(rte_dir):
     return tokenizer
 
 
-def make_tiny_llama(vocab_size: int = 1500, dtype: torch.dtype = torch.float32, seed: int = 0):
+def make_tiny_llama(vocab_size: int = 1500, dtype: torch.dtype = torch.float32, seed: int = 0, **config):
+    """The tests' tiny random Llama (2 layers, hidden 32), seeded; ``config`` overrides ``LlamaConfig`` fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -66,7 +72,18 @@ def make_tiny_llama(vocab_size: int = 1500, dtype: torch.dtype = torch.float32, 
         bos_token_id=2,
         eos_token_id=3,
     )
-    return LlamaForCausalLM(config).to(dtype)
+    settings.update(config)
+    return LlamaForCausalLM(LlamaConfig(**settings)).to(dtype)
+
+
+def random_lm_rows(vocab_size: int, count: int = 8, length: int = 16, seed: int = 0) -> list[dict]:
+    """``count`` rows of random token ids (labels = inputs) for causal-LM training steps."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab_size, (length,), generator=generator)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows
 
 
 @pytest.fixture
@@ -74,10 +91,49 @@ def tiny_llama_factory():
     return make_tiny_llama
 
 
+# --------------------------------------------------------------------------- ZOTrainer on tiny models
+@pytest.fixture(scope="module")
+def rte_small(rte_dir, tiny_tokenizer):
+    task = get_task("rte")
+    splits = load_task_splits(task, rte_dir, num_train=16, num_dev=8, num_eval=8, data_seed=0)
+    return {k: prepare_dataset(tiny_tokenizer, task, v, max_length=96) for k, v in splits.items()}
+
+
+def make_trainer(tmp_path, tokenizer, data, model, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        optim="mezo",
+        learning_rate=1e-3,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=7,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    args = ZOTrainingArguments(**settings)
+    return ZOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["dev"],
+        processing_class=tokenizer,
+        data_collator=CandidateCollator(tokenizer),
+        compute_metrics=compute_accuracy,
+    )
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 # --------------------------------------------------------------------------- int4 SmolLM2 (QZO)
 HAS_GPTQ = all(importlib.util.find_spec(m) is not None for m in ("gptqmodel", "optimum"))
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-RTE_TEMPLATE = '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n'
 
 
 def rte_texts(n: int, offset: int = 0) -> list[str]:
@@ -85,7 +141,7 @@ def rte_texts(n: int, offset: int = 0) -> list[str]:
     path = RTE_DIR / "train.jsonl"
     if path.is_file():
         rows = [json.loads(line) for line in path.read_text().splitlines()[offset : offset + n]]
-        return [RTE_TEMPLATE.format(**r) for r in rows]
+        return [get_task("rte").format_prompt(r) for r in rows]
     return [f"Sentence number {i}: the cat sat on the mat.\nIs that true? Yes or No?\n" for i in range(n)]
 
 
@@ -99,13 +155,13 @@ def base_dir() -> str:
 
 @pytest.fixture(scope="session")
 def gptq_dir(base_dir, tmp_path_factory) -> str:
-    """SmolLM2 GPTQ-quantized once per session (4 bit, group 64) by ``zo_trainer.quantize.quantize``."""
+    """SmolLM2 GPTQ-quantized once per session (4 bit, group 64) by ``zo_trainer.cli.quantize.quantize``."""
     if not HAS_GPTQ:
         pytest.skip("gptqmodel/optimum not importable: run scripts/install_quant.sh")
     reuse = os.environ.get("ZO_QUANT_TEST_GPTQ_DIR")
     if reuse and (Path(reuse) / "config.json").exists():
         return reuse
-    from zo_trainer.quantize import quantize
+    from zo_trainer.cli.quantize import quantize
 
     out = tmp_path_factory.mktemp("gptq") / "smol-gptq4-g64"
     quantize(base_dir, str(out), rte_texts(4), bits=4, group_size=64, max_length=64, batch_size=4)

@@ -13,36 +13,71 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from conftest import random_lm_rows
 from zo_trainer import ZOTrainer, ZOTrainingArguments
 from zo_trainer.engine import ZOEngine
 from zo_trainer.methods import MeZO
 
 VOCAB = 128
-_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+_DECODER = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
+)
 _GQA = dict(_DECODER, num_key_value_heads=2)
-_LLAMA_LIKE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_LLAMA_LIKE = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 # family: (config class, config kwargs, prefix of the decoder blocks, projection modules inside one block)
 FAMILIES = {
     # The MeZO paper's family: biases everywhere, learned positions, LayerNorm with bias, tied lm_head.
-    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                              max_position_embeddings=64, word_embed_proj_dim=32),
-            "model.decoder.layers", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                                     "fc1", "fc2")),
+    "opt": (
+        "OPTConfig",
+        dict(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+        ),
+        "model.decoder.layers",
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
+    ),
     # Conv1D projections (weights stored transposed), learned positions, tied lm_head.
-    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
-             "transformer.h", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
+    "gpt2": (
+        "GPT2Config",
+        dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
+        "transformer.h",
+        ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    ),
     "qwen2": ("Qwen2Config", _GQA, "model.layers", _LLAMA_LIKE),  # q/k/v biases
     "qwen3": ("Qwen3Config", dict(_GQA, head_dim=8), "model.layers", _LLAMA_LIKE),  # q/k norms
     "mistral": ("MistralConfig", _GQA, "model.layers", _LLAMA_LIKE),
     "gemma": ("GemmaConfig", dict(_GQA, head_dim=8), "model.layers", _LLAMA_LIKE),  # scaled, tied embeddings
-    "phi": ("PhiConfig", _DECODER, "model.layers",
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2")),
-    "gpt_neox": ("GPTNeoXConfig", _DECODER, "gpt_neox.layers",
-                 ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
-    "falcon": ("FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4), "transformer.h",
-               ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
+    "phi": (
+        "PhiConfig",
+        _DECODER,
+        "model.layers",
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"),
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        _DECODER,
+        "gpt_neox.layers",
+        ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    ),
+    "falcon": (
+        "FalconConfig",
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        "transformer.h",
+        ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    ),
 }
 
 
@@ -55,18 +90,22 @@ def build(family: str):
 
 @pytest.fixture(scope="module")
 def lm_data():
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(8):
-        ids = torch.randint(0, VOCAB, (16,), generator=generator)
-        rows.append({"input_ids": ids, "labels": ids.clone()})
-    return rows
+    return random_lm_rows(VOCAB)
 
 
 def train(model, data, tmp_path, optim: str, **overrides) -> ZOTrainer:
-    settings = dict(output_dir=str(tmp_path / "out"), optim=optim, max_steps=2, per_device_train_batch_size=4,
-                    learning_rate=1e-2, lr_scheduler_type="constant", report_to="none", save_strategy="no",
-                    disable_tqdm=True, seed=3)
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        optim=optim,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=3,
+    )
     settings.update(overrides)
     trainer = ZOTrainer(model=model, args=ZOTrainingArguments(**settings), train_dataset=data)
     trainer.train()

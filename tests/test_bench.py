@@ -120,3 +120,86 @@ def test_loglog_slope_and_log_parsing():
 def test_cli_help():
     proc = subprocess.run([sys.executable, "-m", "zo_trainer.bench", "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "speed" in proc.stdout and "--quick" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------- accuracy study
+def _zo_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("zo-bench")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "zo_trainer.bench"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([*cmd, "study", "--data_dir", str(RTE), "--nice", "0", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.slow  # ~45 s: five zo-train subprocesses on a tiny random model
+def test_study_quick_end_to_end_and_resume(tmp_path):
+    """zo-bench study --quick: every kind of run, one JSON each, the table and plot; a cut-short run resumes."""
+    out, root = tmp_path / "results", tmp_path / "runs"
+    # q_mezo first trained to 2 of its 4 steps (as if stopped at its checkpoint), then asked for again.
+    short = json.dumps({"runs": [{"name": "q_mezo", "args": {"optim": "mezo", "learning_rate": 1e-4, "max_steps": 2}}]})
+    proc = _zo_bench("--quick", "--out", str(out), "--root", str(root), "--runs", "q_mezo", "--plan", short)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _zo_bench("--quick", "--out", str(out), "--root", str(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = out / "rte_study"
+    assert {p.name for p in study.iterdir() if p.is_dir()} == {"q_sparse", "q_mezo", "q_overfit", "q_reference"}
+    assert (study / "rte_study.png").stat().st_size > 0
+
+    for name in ("q_sparse", "q_mezo"):
+        r = json.loads((study / name / "study_result.json").read_text())
+        assert (study / name / "zo_trajectory.json").exists()
+        assert r["steps_completed"] == r["steps"] == 4 and r["trained"] and r["diverged"] is False
+        assert r["command"].split()[0].endswith("zo-train") and "--max_steps 4" in r["command"]
+        assert {"optim", "seed", "learning_rate", "zo_eps", "batch_size", "max_length", "data"} <= set(r)
+        assert [p["step"] for p in r["dev_curve"]] == ([0, 2, 4] if name == "q_sparse" else [2, 4])
+        assert all(p["wall_seconds"] >= 0 and math.isfinite(p["loss"]) for p in r["dev_curve"])
+        assert [p["step"] for p in r["train_curve"]] == [1, 2, 3, 4]
+        test = r["test"]
+        assert test["n"] == len(test["predictions"]) == 8 and set(test["predictions"]) <= {0, 1}
+        assert test["ci95"][0] <= test["accuracy"] <= test["ci95"][1]
+        assert 0.5 <= r["majority_rate"] <= 1 and 0 <= r["zero_shot"]["accuracy"] <= 1
+    resumed = json.loads((study / "q_mezo" / "study_result.json").read_text())
+    assert [s["resumed_from_step"] for s in resumed["segments"]] == [0, 2]
+    assert "--resume_from_checkpoint" in resumed["segments"][1]["command"]
+
+    over = json.loads((study / "q_overfit" / "study_result.json").read_text())
+    assert over["min_train_loss"] < math.log(2) / 2  # AdamW memorises 4 examples in 12 steps
+    assert over["steps_to_train_loss_below"]["0.30"] is not None
+    ref = json.loads((study / "q_reference" / "study_result.json").read_text())
+    assert set(ref["reference"]) == {"ours", "reference"}
+    for v in ref["reference"].values():
+        assert [p["step"] for p in v["eval"]] == [0, 2]
+    assert ref["reference"]["ours"]["eval"][0]["eval_loss"] == pytest.approx(ref["reference"]["reference"]["eval"][0]["eval_loss"])
+
+    report = _zo_bench("--report", "--out", str(out))
+    assert report.returncode == 0 and "| q_sparse | sparse_mezo |" in report.stdout and "Zero-shot test accuracy" in report.stdout
+
+
+def test_study_log_parsing_resumed_run(tmp_path):
+    """Steps and wall-clock of a run killed after its step-20 checkpoint and resumed later."""
+    from zo_trainer import study
+
+    log = tmp_path / "r.log"
+    log.write_text("\n".join([
+        "100.0 $ zo-train --optim mezo --eval_on_start true",
+        "101.0 {'eval_loss': '0.8', 'eval_accuracy': '0.5', 'epoch': 0}",
+        "110.0 {'loss': '0.7', 'learning_rate': '1e-05', 'epoch': '0.1'}",
+        "120.0 {'loss': '0.6', 'learning_rate': '1e-05', 'epoch': '0.2'}",
+        "125.0 {'eval_loss': '0.65', 'eval_accuracy': '0.6', 'epoch': '0.2'}",
+        "130.0 {'loss': 'nan', 'learning_rate': '1e-05', 'epoch': '0.3'}",
+        "500.0 $ zo-train --optim mezo --resume_from_checkpoint out/r/checkpoint-20",
+        "510.0 {'loss': '0.5', 'learning_rate': '1e-05', 'epoch': '0.3'}",
+        "520.0 {'loss': '0.4', 'learning_rate': '1e-05', 'epoch': '0.4'}",
+        "525.0 {'eval_loss': '0.45', 'eval_accuracy': '0.7', 'epoch': '0.4'}",
+        "530.0 {'train_runtime': '30.0', 'epoch': '0.4'}",
+    ]) + "\n")
+    (tmp_path / "r.log.pauses").write_text("512.0 517.0\n")  # stopped for 5 s between steps 30 and 40
+    parsed = study.parse_log(log, logging_steps=10, eval_steps=20, max_steps=40)
+    assert [(p["step"], p["loss"]) for p in parsed["train"]] == [(10, 0.7), (20, 0.6), (30, 0.5), (40, 0.4)]
+    assert [(p["step"], p["eval_loss"]) for p in parsed["eval"]] == [(0, 0.8), (20, 0.65), (40, 0.45)]
+    # the resumed segment continues from the wall-clock at step 20 (25 s), not from the kill or the pause
+    assert parsed["train"][2]["wall_seconds"] == pytest.approx(25 + 10)
+    assert parsed["eval"][2]["wall_seconds"] == pytest.approx(25 + 25 - 5)
+    assert study._diverged([0.7, float("nan")]) and study._diverged([0.7, 2.2]) and not study._diverged([0.7, 2.0])
+    lo, hi = study.bootstrap_ci([1] * 60 + [0] * 40)
+    assert lo < 0.6 < hi and hi - lo == pytest.approx(0.19, abs=0.03)

@@ -19,19 +19,46 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from zo_trainer.train import main, parse_args, run
+from zo_trainer.cli.train import main, parse_args, run
 
 BIN = Path(sys.executable).parent  # The venv's bin: the console scripts pip installed.
 
 
 def tiny_run_flags(rte_dir, output_dir, optim, *extra):
     return [
-        "--task", "rte", "--data_dir", str(rte_dir), "--optim", optim,
-        "--max_steps", "2", "--num_train", "8", "--num_dev", "4", "--num_eval", "8",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
-        "--max_length", "96", "--learning_rate", "1e-4", "--logging_steps", "1",
-        "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-        "--output_dir", str(output_dir), *extra,
+        "--task",
+        "rte",
+        "--data_dir",
+        str(rte_dir),
+        "--optim",
+        optim,
+        "--max_steps",
+        "2",
+        "--num_train",
+        "8",
+        "--num_dev",
+        "4",
+        "--num_eval",
+        "8",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--max_length",
+        "96",
+        "--learning_rate",
+        "1e-4",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--output_dir",
+        str(output_dir),
+        *extra,
     ]
 
 
@@ -62,12 +89,13 @@ def cli(script: str, *args, cwd=None, env=None, timeout=300) -> subprocess.Compl
     """Run an installed console script; stdout and stderr captured as text."""
     full_env = {k: v for k, v in os.environ.items() if k != "ZO_TRAINER_DEBUG"}
     full_env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})})
-    return subprocess.run([str(BIN / script), *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / script), *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def in_process(capsys, entry=None, *args) -> subprocess.CompletedProcess:
-    """The console script's function (``zo_trainer.train.main`` unless ``entry``) in this process: same code, same
+    """The console script's function (``zo_trainer.cli.train.main`` unless ``entry``) in this process: same code, same
     exit status and error line, without the ~5 s start-up of a subprocess."""
     capsys.readouterr()
     code = (entry or main)([str(a) for a in args])
@@ -76,11 +104,45 @@ def in_process(capsys, entry=None, *args) -> subprocess.CompletedProcess:
 
 def tiny_flags(model_dir, data_dir, output_dir, *extra, steps=2):
     return [
-        "--model_name_or_path", model_dir, "--task", "rte", "--data_dir", data_dir, "--optim", "mezo",
-        "--max_steps", steps, "--num_train", "8", "--num_dev", "4", "--num_eval", "8", "--max_length", "64",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--learning_rate", "1e-3",
-        "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--report_to", "none",
-        "--disable_tqdm", "true", "--seed", "7", "--output_dir", output_dir, *extra,
+        "--model_name_or_path",
+        model_dir,
+        "--task",
+        "rte",
+        "--data_dir",
+        data_dir,
+        "--optim",
+        "mezo",
+        "--max_steps",
+        steps,
+        "--num_train",
+        "8",
+        "--num_dev",
+        "4",
+        "--num_eval",
+        "8",
+        "--max_length",
+        "64",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "7",
+        "--output_dir",
+        output_dir,
+        *extra,
     ]
 
 
@@ -89,7 +151,8 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in result.stderr
     # Nothing after the logs: no metrics dict or path printed by sys.exit(main()).
     assert not result.stderr.strip().splitlines()[-1:] or not result.stderr.strip().splitlines()[-1].startswith(
-        ("{", "/")), result.stderr[-500:]
+        ("{", "/")
+    ), result.stderr[-500:]
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str, prog: str = "zo-train"):
@@ -119,8 +182,12 @@ def test_config_with_eval_strategy_trains_and_exits_0(tmp_path, tiny_model_dir, 
     assert_ok(result)
     out = tmp_path / "out" / "job"
     assert global_step(out) == 3  # HF's do_eval (from eval_strategy) no longer switches training off.
-    for name in ("test_results.json", "zero_shot_results.json", "zo_trajectory.json",
-                 "checkpoint-2/trainer_state.json"):
+    for name in (
+        "test_results.json",
+        "zero_shot_results.json",
+        "zo_trajectory.json",
+        "checkpoint-2/trainer_state.json",
+    ):
         assert (out / name).is_file(), name
     base, trained = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(base[k], trained[k]) for k in base)
@@ -133,14 +200,21 @@ def test_zo_replay_quantize_bench_exit_codes(tmp_path, tiny_model_dir, small_rte
     assert_ok(cli("zo-replay", "--trajectory", out, "--output_dir", tmp_path / "rebuilt"))
     rebuilt, trained = _weights(tmp_path / "rebuilt"), _weights(out)
     assert all(torch.equal(v, trained[k]) for k, v in rebuilt.items())
-    from zo_trainer import bench, quantize, replay
+    from zo_trainer import bench
+    from zo_trainer.cli import quantize, replay
 
-    assert_one_line_error(in_process(capsys, replay.main, "--trajectory", tmp_path / "nothing", "--output_dir",
-                                     tmp_path / "x"), 2, "No trajectory file", prog="zo-replay")
-    assert_one_line_error(in_process(capsys, replay.main, "--output_dir", tmp_path / "x"), 2, "--trajectory",
-                          prog="zo-replay")
-    assert_one_line_error(in_process(capsys, quantize.main, "--output_dir", tmp_path / "q"), 2, "--data_dir",
-                          prog="zo-quantize")
+    assert_one_line_error(
+        in_process(capsys, replay.main, "--trajectory", tmp_path / "nothing", "--output_dir", tmp_path / "x"),
+        2,
+        "No trajectory file",
+        prog="zo-replay",
+    )
+    assert_one_line_error(
+        in_process(capsys, replay.main, "--output_dir", tmp_path / "x"), 2, "--trajectory", prog="zo-replay"
+    )
+    assert_one_line_error(
+        in_process(capsys, quantize.main, "--output_dir", tmp_path / "q"), 2, "--data_dir", prog="zo-quantize"
+    )
     assert_one_line_error(in_process(capsys, bench.main, "nonsense"), 2, "invalid choice", prog="zo-bench")
     assert bench.main(["report", "--out", str(tmp_path / "empty")]) == 0
 
@@ -199,8 +273,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_model_dir, small_rte_dir, c
     elif case == "nan_weights":
         args += ["--model_name_or_path", _nan_weights_model(tmp_path, tiny_model_dir)]
     elif case in ("null_field", "empty_field"):
-        name, line, field, value = ("train.jsonl", 3, "premise", None) if case == "null_field" else (
-            "val.jsonl", 2, "hypothesis", "  ")
+        name, line, field, value = (
+            ("train.jsonl", 3, "premise", None) if case == "null_field" else ("val.jsonl", 2, "hypothesis", "  ")
+        )
         rows = (data / name).read_text().splitlines()
         row = json.loads(rows[line - 1])
         row[field] = value
@@ -233,7 +308,7 @@ def test_debug_shows_the_traceback(tmp_path, tiny_model_dir, small_rte_dir, caps
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
-    from zo_trainer import cli_errors
+    from zo_trainer.cli import errors as cli_errors
 
     def buggy(argv):
         raise KeyError("not a user error")
@@ -257,16 +332,27 @@ def _trajectory(folder: Path) -> dict:
 def reference_run(tmp_path_factory, tiny_model_dir, small_rte_dir):
     """4 uninterrupted steps, linear LR decay (a restarted schedule would show), checkpoints without optimizer.pt."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    flags = tiny_flags(tiny_model_dir, small_rte_dir, out, "--lr_scheduler_type", "linear", "--save_only_model", "true",
-                       "--save_steps", "2", steps=4)
+    flags = tiny_flags(
+        tiny_model_dir,
+        small_rte_dir,
+        out,
+        "--lr_scheduler_type",
+        "linear",
+        "--save_only_model",
+        "true",
+        "--save_steps",
+        "2",
+        steps=4,
+    )
     assert run([str(f) for f in flags])["train_loss"] > 0
     assert not (out / "checkpoint-2" / "optimizer.pt").exists()
     return out, flags
 
 
 @pytest.mark.parametrize("how", ["true", "last"])
-def test_resume_true_from_the_cli_continues_exactly_without_optimizer_state(tmp_path, reference_run, how, capsys,
-                                                                           caplog):
+def test_resume_true_from_the_cli_continues_exactly_without_optimizer_state(
+    tmp_path, reference_run, how, capsys, caplog
+):
     reference, flags = reference_run
     out = tmp_path / "out"
     out.mkdir()
@@ -293,16 +379,26 @@ def test_resume_without_the_schedule_state_is_refused(tmp_path, reference_run, c
     del payload["resume"]  # As an older zo_trainer wrote it.
     path.write_text(json.dumps(payload))
     flags = [*flags[: flags.index("--output_dir")], "--output_dir", out]
-    assert_one_line_error(in_process(capsys, None, *flags, "--resume_from_checkpoint", "true"), 2,
-                          "cannot resume from", "schedule would restart")
+    assert_one_line_error(
+        in_process(capsys, None, *flags, "--resume_from_checkpoint", "true"),
+        2,
+        "cannot resume from",
+        "schedule would restart",
+    )
     payload = json.loads((reference / "checkpoint-2" / "zo_trajectory.json").read_text())
     payload["steps"] = payload["steps"][1:]  # What resuming without the ZO state used to leave: steps 2.. only.
     path.write_text(json.dumps(payload))
-    assert_one_line_error(in_process(capsys, None, *flags, "--resume_from_checkpoint", "true"), 2,
-                          "its trajectory records steps 2..2, not 1..2")
+    assert_one_line_error(
+        in_process(capsys, None, *flags, "--resume_from_checkpoint", "true"),
+        2,
+        "its trajectory records steps 2..2, not 1..2",
+    )
     (out / "checkpoint-2" / "zo_trajectory.json").unlink()
-    assert_one_line_error(in_process(capsys, None, *flags, "--resume_from_checkpoint", out / "checkpoint-2"), 2,
-                          "neither zo_trajectory.json nor optimizer.pt")
+    assert_one_line_error(
+        in_process(capsys, None, *flags, "--resume_from_checkpoint", out / "checkpoint-2"),
+        2,
+        "neither zo_trajectory.json nor optimizer.pt",
+    )
 
 
 # ----- 5: a resume with other settings is refused, naming them ----------------------------------------------------
@@ -312,8 +408,10 @@ def test_resume_with_other_settings_or_base_is_refused(tmp_path, reference_run, 
     shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
     flags = [*flags[: flags.index("--output_dir")], "--output_dir", out, "--resume_from_checkpoint", "true"]
     last = assert_one_line_error(
-        in_process(capsys, None, *flags, "--optim", "sparse_mezo", "--seed", "8", "--zo_eps", "0.01"), 2,
-        "optim 'mezo' in the checkpoint, 'sparse_mezo' now", "seed 7 in the checkpoint, 8 now",
+        in_process(capsys, None, *flags, "--optim", "sparse_mezo", "--seed", "8", "--zo_eps", "0.01"),
+        2,
+        "optim 'mezo' in the checkpoint, 'sparse_mezo' now",
+        "seed 7 in the checkpoint, 8 now",
         "zo_eps 0.001 in the checkpoint, 0.01 now",
     )
     assert "zo_sparsity" in last
@@ -327,35 +425,72 @@ def test_resume_with_other_settings_or_base_is_refused(tmp_path, reference_run, 
 
 
 # ----- 6: non-finite weights stop the run naming the last intact checkpoint ---------------------------------------
-def test_weights_that_overflow_stop_the_run_with_the_last_intact_checkpoint(tmp_path, tiny_model_dir, small_rte_dir,
-                                                                             capsys):
+def test_weights_that_overflow_stop_the_run_with_the_last_intact_checkpoint(
+    tmp_path, tiny_model_dir, small_rte_dir, capsys
+):
     out = tmp_path / "out"
     # fp16: lr 0 at step 1 (warm-up), then an update that overflows the weights to inf at step 2.
-    flags = tiny_flags(tiny_model_dir, small_rte_dir, out, "--dtype", "float16", "--learning_rate", "1e4",
-                       "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "2", steps=6)
-    last = assert_one_line_error(in_process(capsys, None, *flags), 1, "non-finite",
-                                 f"Last checkpoint: {out}/checkpoint-1")
+    flags = tiny_flags(
+        tiny_model_dir,
+        small_rte_dir,
+        out,
+        "--dtype",
+        "float16",
+        "--learning_rate",
+        "1e4",
+        "--lr_scheduler_type",
+        "constant_with_warmup",
+        "--warmup_steps",
+        "2",
+        steps=6,
+    )
+    last = assert_one_line_error(
+        in_process(capsys, None, *flags), 1, "non-finite", f"Last checkpoint: {out}/checkpoint-1"
+    )
     assert "tensor 'model." in last
     assert not (out / "checkpoint-2").exists()
     saved = _weights(out / "checkpoint-1")
     assert all(torch.isfinite(v.float()).all() for v in saved.values())
     # An update too large for the dtype at all is refused before it touches the weights.
-    flags = tiny_flags(tiny_model_dir, small_rte_dir, tmp_path / "out2", "--dtype", "float16", "--learning_rate",
-                       "1e30", "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "2", steps=6)
+    flags = tiny_flags(
+        tiny_model_dir,
+        small_rte_dir,
+        tmp_path / "out2",
+        "--dtype",
+        "float16",
+        "--learning_rate",
+        "1e30",
+        "--lr_scheduler_type",
+        "constant_with_warmup",
+        "--warmup_steps",
+        "2",
+        steps=6,
+    )
     assert_one_line_error(in_process(capsys, None, *flags), 1, "overflows the weights' dtype", "checkpoint-1")
 
 
 def test_a_saturated_run_is_warned_about(tmp_path, tiny_model_dir, small_rte_dir, capsys, caplog):
     # lr 1e30: after one step the logits saturate, L(w + eps z) == L(w - eps z) exactly, nothing moves any more.
-    flags = tiny_flags(tiny_model_dir, small_rte_dir, tmp_path / "out", "--learning_rate", "1e30", "--save_strategy",
-                       "no", "--lr_scheduler_type", "constant", steps=13)
+    flags = tiny_flags(
+        tiny_model_dir,
+        small_rte_dir,
+        tmp_path / "out",
+        "--learning_rate",
+        "1e30",
+        "--save_strategy",
+        "no",
+        "--lr_scheduler_type",
+        "constant",
+        steps=13,
+    )
     assert_ok(in_process(capsys, None, *flags))
     assert "projected gradient was exactly 0 for 10 steps in a row" in caplog.text
 
 
 # ----- 7: one run per output directory; used directories; writability before the model loads --------------------
-def test_output_dir_lock_names_the_other_run_and_stale_locks_are_taken_over(tmp_path, tiny_model_dir, small_rte_dir,
-                                                                            capsys, caplog):
+def test_output_dir_lock_names_the_other_run_and_stale_locks_are_taken_over(
+    tmp_path, tiny_model_dir, small_rte_dir, capsys, caplog
+):
     out = tmp_path / "out"
     out.mkdir()
     lock = out / ".zo_train.lock"
@@ -374,17 +509,24 @@ def test_a_used_output_dir_is_refused_unless_resuming_or_overwriting(tmp_path, t
     out = tmp_path / "out"
     assert_ok(in_process(capsys, None, *tiny_flags(tiny_model_dir, small_rte_dir, out, steps=3)))
     assert (out / "checkpoint-3").is_dir()
-    assert_one_line_error(in_process(capsys, None, *tiny_flags(tiny_model_dir, small_rte_dir, out)), 2,
-                          "already holds a run", "checkpoint-3", "--overwrite_output_dir")
-    assert_ok(in_process(capsys, None, *tiny_flags(tiny_model_dir, small_rte_dir, out), "--overwrite_output_dir",
-                         "true"))
+    assert_one_line_error(
+        in_process(capsys, None, *tiny_flags(tiny_model_dir, small_rte_dir, out)),
+        2,
+        "already holds a run",
+        "checkpoint-3",
+        "--overwrite_output_dir",
+    )
+    assert_ok(
+        in_process(capsys, None, *tiny_flags(tiny_model_dir, small_rte_dir, out), "--overwrite_output_dir", "true")
+    )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]  # No stale "latest".
     assert global_step(out) == 2 and len(_trajectory(out)["steps"]) == 2
 
 
-def test_an_unwritable_output_dir_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, small_rte_dir, capsys,
-                                                                     monkeypatch):
-    from zo_trainer import train
+def test_an_unwritable_output_dir_is_refused_before_the_model_loads(
+    tmp_path, tiny_model_dir, small_rte_dir, capsys, monkeypatch
+):
+    from zo_trainer.cli import train
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the output directory was checked")
@@ -426,8 +568,10 @@ def test_zo_train_on_smollm2(tmp_path, rte_dir, base_weights, optim):
             moved = base_weights[key] != trained[key]
             assert moved.float().mean() <= 0.21
             # Only the small-magnitude entries moved (threshold = 20% quantile of |W| at start).
-            assert base_weights[key].abs()[moved].max() <= base_weights[key].abs().flatten().kthvalue(
-                math.ceil(0.2 * base_weights[key].numel())).values
+            assert (
+                base_weights[key].abs()[moved].max()
+                <= base_weights[key].abs().flatten().kthvalue(math.ceil(0.2 * base_weights[key].numel())).values
+            )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -444,7 +588,8 @@ def test_config_file_and_overrides(tmp_path):
     assert parse_args([str(config), "--resume_from_checkpoint", "true"])[2].resume_from_checkpoint is True
     assert parse_args([str(config), "--resume_from_checkpoint", "last"])[2].resume_from_checkpoint is True
     assert parse_args([str(config), "--resume_from_checkpoint", "out/checkpoint-5"])[2].resume_from_checkpoint == (
-        "out/checkpoint-5")
+        "out/checkpoint-5"
+    )
 
 
 @pytest.mark.slow
@@ -459,8 +604,22 @@ def test_config_file_and_overrides(tmp_path):
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, rte_dir, flags, error, message):
-    base = ["--task", "rte", "--data_dir", str(rte_dir), "--num_train", "8", "--num_dev", "4", "--num_eval", "4",
-            "--output_dir", str(tmp_path), "--report_to", "none"]
+    base = [
+        "--task",
+        "rte",
+        "--data_dir",
+        str(rte_dir),
+        "--num_train",
+        "8",
+        "--num_dev",
+        "4",
+        "--num_eval",
+        "4",
+        "--output_dir",
+        str(tmp_path),
+        "--report_to",
+        "none",
+    ]
     with pytest.raises(error, match=message):
         run(base + flags)
     assert not (tmp_path / "model.safetensors").exists()
@@ -468,7 +627,7 @@ def test_bad_input_fails_before_training(tmp_path, rte_dir, flags, error, messag
 
 
 def test_unknown_optim_is_a_usage_error(tmp_path):
-    from zo_trainer.cli_errors import UsageError
+    from zo_trainer.cli.errors import UsageError
 
     with pytest.raises(UsageError, match="invalid choice"):
         parse_args(["--optim", "sgd_zero", "--output_dir", str(tmp_path)])
@@ -483,8 +642,17 @@ def test_zo_train_under_torchrun_exits_cleanly(tmp_path, tiny_model_dir, small_r
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     out = tmp_path / "dp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "zo_trainer.train", *map(str, tiny_flags(tiny_model_dir, small_rte_dir, out, "--do_eval", "false"))]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "zo_trainer.train",
+        *map(str, tiny_flags(tiny_model_dir, small_rte_dir, out, "--do_eval", "false")),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "terminate called" not in result.stderr

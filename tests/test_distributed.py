@@ -20,17 +20,43 @@ PER_DEVICE_BATCH = 2
 WORLD_SIZE = 2
 NUM_PERTURBATIONS = 2
 _COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "broadcast_object_list",
-    "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather", "gather_object", "scatter", "all_to_all",
-    "all_to_all_single", "barrier", "send", "recv", "isend", "irecv",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "gather",
+    "gather_object",
+    "scatter",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
 )
 
 
 def _settings(output_dir: str, batch: int) -> dict:
     return dict(
-        output_dir=output_dir, optim="mezo", zo_num_perturbations=NUM_PERTURBATIONS, learning_rate=1e-3,
-        max_steps=STEPS, per_device_train_batch_size=batch, lr_scheduler_type="constant", logging_steps=STEPS,
-        save_strategy="steps", save_steps=2, report_to="none", seed=7, disable_tqdm=True,
+        output_dir=output_dir,
+        optim="mezo",
+        zo_num_perturbations=NUM_PERTURBATIONS,
+        learning_rate=1e-3,
+        max_steps=STEPS,
+        per_device_train_batch_size=batch,
+        lr_scheduler_type="constant",
+        logging_steps=STEPS,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        seed=7,
+        disable_tqdm=True,
         dataloader_pin_memory=False,
     )
 
@@ -49,17 +75,20 @@ def _trainer(model, tokenizer, data, settings):
     from zo_trainer.data import CandidateCollator
 
     return ZOTrainer(
-        model=model, args=ZOTrainingArguments(**settings), train_dataset=data["train"],
-        processing_class=tokenizer, data_collator=CandidateCollator(tokenizer),
+        model=model,
+        args=ZOTrainingArguments(**settings),
+        train_dataset=data["train"],
+        processing_class=tokenizer,
+        data_collator=CandidateCollator(tokenizer),
     )
 
 
 def worker(workdir: Path, rte_dir: Path) -> None:
     """One rank: count collectives per optimizer step, train, dump weights + counts."""
+    import faulthandler
+
     import torch.distributed as dist
     from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
-
-    import faulthandler
 
     faulthandler.dump_traceback_later(float(os.environ.get("ZO_WORKER_TIMEOUT", 150)), exit=True)  # Never hang CI.
     torch.set_num_threads(1)
@@ -110,7 +139,9 @@ def worker(workdir: Path, rte_dir: Path) -> None:
     if rank == 1:
         with torch.no_grad():
             other.model.norm.weight.add_(1e-3)
-    mismatched = _trainer(other, tokenizer, _data(tokenizer, rte_dir), _settings(str(workdir / "bad"), PER_DEVICE_BATCH))
+    mismatched = _trainer(
+        other, tokenizer, _data(tokenizer, rte_dir), _settings(str(workdir / "bad"), PER_DEVICE_BATCH)
+    )
     try:
         mismatched.train()
         report["mismatch_error"] = None
@@ -126,8 +157,15 @@ def test_two_process_data_parallel_zo(tmp_path, rte_dir, tiny_tokenizer, tiny_ll
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(Path.cwd())}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
-        __file__, str(tmp_path), str(rte_dir),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD_SIZE),
+        __file__,
+        str(tmp_path),
+        str(rte_dir),
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
@@ -157,7 +195,9 @@ def test_two_process_data_parallel_zo(tmp_path, rte_dir, tiny_tokenizer, tiny_ll
 
     single = LlamaForCausalLM.from_pretrained(base)
     trainer = _trainer(
-        single, tiny_tokenizer, _data(tiny_tokenizer, rte_dir),
+        single,
+        tiny_tokenizer,
+        _data(tiny_tokenizer, rte_dir),
         _settings(str(tmp_path / "single"), PER_DEVICE_BATCH * WORLD_SIZE),
     )
     trainer.train()

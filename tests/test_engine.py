@@ -8,26 +8,18 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from conftest import make_tiny_llama
 from zo_trainer.engine import ZOEngine, parameter_targets, perturbation_seed, projected_gradient
 from zo_trainer.methods import MeZO, SparseMeZO
 from zo_trainer.training_args import ZOTrainingArguments
 
 
 def tiny_llama(dtype=torch.float32, seed=0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return make_tiny_llama(
+        96, dtype, seed, max_position_embeddings=64, pad_token_id=None, bos_token_id=1, eos_token_id=2
+    ).eval()
 
 
 def zo_args(optim="mezo", **kwargs) -> ZOTrainingArguments:
@@ -111,7 +103,9 @@ def test_same_seed_same_weights_and_global_rng_untouched():
     other = tiny_llama()
     engine = ZOEngine(MeZO(zo_args()).targets(other))
     engine.update([perturbation_seed(43, 0)], [1e-3])
-    assert not torch.equal(snapshot(other)["model.layers.0.mlp.up_proj.weight"], results[0]["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        snapshot(other)["model.layers.0.mlp.up_proj.weight"], results[0]["model.layers.0.mlp.up_proj.weight"]
+    )
 
 
 def test_seeds_are_distinct_per_step_and_direction():

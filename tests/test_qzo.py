@@ -19,12 +19,12 @@ import os
 
 import pytest
 import torch
+
 from conftest import HAS_GPTQ
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-import zo_trainer.train as train_module  # noqa: E402
+import zo_trainer.cli.train as train_module  # noqa: E402
 from zo_trainer import ZOTrainer, ZOTrainingArguments  # noqa: E402
 from zo_trainer.data import CandidateCollator, compute_accuracy, load_task_splits, prepare_dataset  # noqa: E402
 from zo_trainer.engine import perturbation_seed  # noqa: E402
@@ -38,18 +38,47 @@ TINY = torch.finfo(torch.float32).tiny  # QZO's floor for a scale after an updat
 
 def qzo_flags(rte_dir, output_dir, *extra):
     return [
-        "--task", "rte", "--data_dir", str(rte_dir), "--optim", "qzo",
-        "--max_steps", "2", "--num_train", "16", "--num_dev", "8", "--num_eval", "16",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
-        "--max_length", "128", "--learning_rate", "1e-6", "--lr_scheduler_type", "constant",
-        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-        "--output_dir", str(output_dir), *extra,
+        "--task",
+        "rte",
+        "--data_dir",
+        str(rte_dir),
+        "--optim",
+        "qzo",
+        "--max_steps",
+        "2",
+        "--num_train",
+        "16",
+        "--num_dev",
+        "8",
+        "--num_eval",
+        "16",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "16",
+        "--max_length",
+        "128",
+        "--learning_rate",
+        "1e-6",
+        "--lr_scheduler_type",
+        "constant",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--output_dir",
+        str(output_dir),
+        *extra,
     ]
 
 
 @pytest.fixture
 def zo_train(monkeypatch):
-    """``zo_trainer.train.main`` in process; returns (metrics, trainer). The trainer main() built records the
+    """``zo_trainer.cli.train.main`` in process; returns (metrics, trainer). The trainer main() built records the
     int4 state right after its set-up (before any step) and the (dataset, metrics) of every evaluation."""
     built = []
 
@@ -113,7 +142,7 @@ def test_zo_train_qzo_end_to_end(kind, request, tmp_path, rte_dir, zo_train):
         assert (after > 0).all(), name
 
     # The saved output_dir: load_quantized gives back the same int4 state and the same test loss.
-    (test_set, test_metrics), = [(d, m) for d, m in trainer.evaluations if "test_loss" in m]
+    ((test_set, test_metrics),) = [(d, m) for d, m in trainer.evaluations if "test_loss" in m]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     reloaded = load_quantized(str(out))
@@ -128,8 +157,11 @@ def test_zo_train_qzo_end_to_end(kind, request, tmp_path, rte_dir, zo_train):
     evaluator = ZOTrainer(
         model=reloaded,
         args=ZOTrainingArguments(
-            output_dir=str(tmp_path / "reload_eval"), optim="qzo", per_device_eval_batch_size=16,
-            report_to="none", disable_tqdm=True,
+            output_dir=str(tmp_path / "reload_eval"),
+            optim="qzo",
+            per_device_eval_batch_size=16,
+            report_to="none",
+            disable_tqdm=True,
         ),
         processing_class=tokenizer,
         data_collator=CandidateCollator(tokenizer),
@@ -161,10 +193,9 @@ def test_qzo_on_unquantized_model_is_one_clear_error(tmp_path, rte_dir, base_dir
 def smol_data(base_dir, rte_dir):
     from transformers import AutoTokenizer
 
-    from zo_trainer.models import ensure_pad_token
+    from zo_trainer.models import prepare_tokenizer
 
-    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(base_dir))
-    tokenizer.padding_side = "left"
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(base_dir))
     task = get_task("rte")
     splits = load_task_splits(task, rte_dir, num_train=8, num_dev=4, num_eval=4, data_seed=0)
     return tokenizer, {k: prepare_dataset(tokenizer, task, v, max_length=128) for k, v in splits.items()}
@@ -176,8 +207,15 @@ def trained_in_place(model, tmp_path, data, **overrides):
     tokenizer, splits = data
     backups = [(s, s.get().clone()) for s in scale_tensors(model)]
     settings = dict(
-        output_dir=str(tmp_path / "out"), optim="qzo", max_steps=1, per_device_train_batch_size=4,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", seed=3,
+        output_dir=str(tmp_path / "out"),
+        optim="qzo",
+        max_steps=1,
+        per_device_train_batch_size=4,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=3,
         disable_tqdm=True,
     )
     settings.update(overrides)

@@ -46,17 +46,57 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROGRAMS = ("zo-train", "zo-quantize", "zo-replay", "zo-bench", "zo-run")
-MODULES = {"zo_trainer.train": "zo-train", "zo_trainer.quantize": "zo-quantize", "zo_trainer.replay": "zo-replay",
-           "zo_trainer.bench": "zo-bench", "zo_trainer.run": "zo-run", "zo_trainer.launch": "zo-run"}
+MODULES = {
+    "zo_trainer.train": "zo-train",
+    "zo_trainer.quantize": "zo-quantize",
+    "zo_trainer.replay": "zo-replay",
+    "zo_trainer.bench": "zo-bench",
+    "zo_trainer.run": "zo-run",
+    "zo_trainer.launch": "zo-run",
+}
 SKIP_MARK = re.compile(r"<!--\s*readme-test:\s*skip:\s*(.*?)\s*-->")
 BENCH_SUITES_NOT_RUN = ("speed", "memory", "accuracy", "growth", "study", "all")
 STEPS = 2
-TRAIN_SHRINK = ["--max_steps", str(STEPS), "--num_train", "8", "--num_dev", "4", "--num_eval", "8",
-                "--max_length", "64",
-                "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--save_steps", "1",
-                "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true"]
-RUN_SHRINK = ["--max_steps", str(STEPS), "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
-              "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
+TRAIN_SHRINK = [
+    "--max_steps",
+    str(STEPS),
+    "--num_train",
+    "8",
+    "--num_dev",
+    "4",
+    "--num_eval",
+    "8",
+    "--max_length",
+    "64",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "8",
+    "--save_steps",
+    "1",
+    "--logging_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+]
+RUN_SHRINK = [
+    "--max_steps",
+    str(STEPS),
+    "--per_device_train_batch_size",
+    "2",
+    "--per_device_eval_batch_size",
+    "2",
+    "--save_strategy",
+    "no",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--dataloader_num_workers",
+    "0",
+]
 SCRIPT_SHRINK = {"run_clm.py": ["--block_size", "16"]}  # zo-run: flags of the script it starts.
 QUANTIZE_SHRINK = ["--num_calibration", "4", "--max_length", "32"]
 
@@ -103,8 +143,9 @@ def split_commands(body: str, first_line: int) -> list[tuple[int, list[str]]]:
             buffer = buffer.rstrip("\n")[:-1] + " "
             continue
         try:  # A placeholder is one word even with spaces: <hub id or local dir> -> <hub_id_or_local_dir>.
-            words = shlex.split(re.sub(r"<([^<>\n]+)>", lambda m: "<" + m.group(1).replace(" ", "_") + ">", buffer),
-                                comments=True)
+            words = shlex.split(
+                re.sub(r"<([^<>\n]+)>", lambda m: "<" + m.group(1).replace(" ", "_") + ">", buffer), comments=True
+            )
         except ValueError:  # An open quote: the command goes on.
             continue
         for part in _split_on_operators(words):
@@ -229,10 +270,18 @@ def _output_dir(args: list[str], work: Path) -> Path:
 
 
 def _run(program: str, args: list[str], work: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                "HF_DATASETS_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2", **env}
-    return subprocess.run([str(BIN / program), *args], cwd=work, env=full_env, capture_output=True, text=True,
-                          timeout=600)
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "GPTQMODEL_CPU_WORKERS": "2",
+        **env,
+    }
+    return subprocess.run(
+        [str(BIN / program), *args], cwd=work, env=full_env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _state(folder: Path) -> dict:

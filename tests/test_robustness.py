@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from conftest import make_trainer, state
+from zo_trainer.cli.replay import run as replay_run
 from zo_trainer.optim import NonFiniteLossError
-from zo_trainer.replay import TRAJECTORY_NAME, TrajectoryError, load_trajectory, replay, run as replay_run
-
-from test_trainer import make_trainer, rte_small, state  # noqa: F401  (rte_small is a fixture)
+from zo_trainer.trajectory import TRAJECTORY_NAME, TrajectoryError, load_trajectory, replay
 
 
 def trajectory(path):
@@ -79,8 +79,9 @@ def test_replay_rebuilds_trained_weights_bit_exactly(tmp_path, tiny_base_dir, ti
         assert torch.equal(value, state(partial)[key]), key
 
 
-def test_replay_refuses_a_different_base_and_a_truncated_file(tmp_path, tiny_base_dir, tiny_tokenizer, rte_small,
-                                                              tiny_llama_factory):
+def test_replay_refuses_a_different_base_and_a_truncated_file(
+    tmp_path, tiny_base_dir, tiny_tokenizer, rte_small, tiny_llama_factory
+):
     make_trainer(tmp_path, tiny_tokenizer, rte_small, load_base(tiny_base_dir), max_steps=1).train()
     payload = load_trajectory(tmp_path / "out")
     with pytest.raises(TrajectoryError, match="does not match the trajectory's start"):
@@ -106,7 +107,7 @@ def test_kill_9_during_trajectory_writes_never_leaves_a_partial_file(tmp_path):
     target = tmp_path / TRAJECTORY_NAME
     import inspect
 
-    from zo_trainer.replay import write_json_atomic
+    from zo_trainer.trajectory import write_json_atomic
 
     script = _WRITER % inspect.getsource(write_json_atomic)  # The same code, without importing torch (fast).
     writer = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True)
@@ -147,8 +148,9 @@ class Snapshots(TrainerCallback):
         self.weights[state_.global_step] = state(self.model)
 
 
-def test_non_finite_loss_skips_the_step_and_leaves_weights_unchanged(tmp_path, tiny_tokenizer, rte_small,
-                                                                     tiny_llama_factory, caplog):
+def test_non_finite_loss_skips_the_step_and_leaves_weights_unchanged(
+    tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory, caplog
+):
     model = tiny_llama_factory()
     before = state(model)
     # Two forwards per step (L+, L-): NaN in L- of global step 2, inf in L+ of global step 3.
@@ -178,13 +180,20 @@ def test_non_finite_loss_skips_the_step_and_leaves_weights_unchanged(tmp_path, t
         assert torch.equal(value, weights[4][key]), key
 
 
-def test_consecutive_non_finite_losses_stop_with_the_last_checkpoint_intact(tmp_path, tiny_tokenizer, rte_small,
-                                                                             tiny_llama_factory):
+def test_consecutive_non_finite_losses_stop_with_the_last_checkpoint_intact(
+    tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory
+):
     model = tiny_llama_factory()
     NaNOnCalls(model, {call: float("nan") for call in range(4, 100)})  # Every forward from global step 3 on.
     trainer = make_trainer(
-        tmp_path, tiny_tokenizer, rte_small, model, max_steps=10, zo_max_skipped_steps=3,
-        save_strategy="steps", save_steps=2,
+        tmp_path,
+        tiny_tokenizer,
+        rte_small,
+        model,
+        max_steps=10,
+        zo_max_skipped_steps=3,
+        save_strategy="steps",
+        save_steps=2,
     )
     snapshots = Snapshots(model)
     trainer.add_callback(snapshots)
@@ -231,7 +240,7 @@ def small_rte(tmp_path, rte_dir):
     ],
 )
 def test_bad_input_fails_before_the_model_is_loaded(tmp_path, small_rte, monkeypatch, corrupt, flags, message):
-    from zo_trainer import train
+    from zo_trainer.cli import train
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
@@ -246,8 +255,25 @@ def test_bad_input_fails_before_the_model_is_loaded(tmp_path, small_rte, monkeyp
         rows[1]["label"] = "maybe"
         _write_jsonl(small_rte / "val.jsonl", rows)
     output_dir = tmp_path / "run"
-    argv = ["--task", "rte", "--data_dir", str(small_rte), "--optim", "mezo", "--num_train", "6", "--num_dev", "2",
-            "--num_eval", "4", "--output_dir", str(output_dir), "--report_to", "none", *flags]
+    argv = [
+        "--task",
+        "rte",
+        "--data_dir",
+        str(small_rte),
+        "--optim",
+        "mezo",
+        "--num_train",
+        "6",
+        "--num_dev",
+        "2",
+        "--num_eval",
+        "4",
+        "--output_dir",
+        str(output_dir),
+        "--report_to",
+        "none",
+        *flags,
+    ]
     with pytest.raises(ValueError, match=message):
         train.run(argv)
     assert not output_dir.exists() or not any(output_dir.iterdir())
@@ -267,8 +293,9 @@ def test_collator_refuses_labels_outside_the_candidates(tiny_tokenizer):
         CandidateCollator(tiny_tokenizer)(features)
 
 
-def test_replay_draws_noise_as_recorded_even_if_engine_defaults_change(tmp_path, tiny_tokenizer, rte_small,
-                                                                         tiny_llama_factory, monkeypatch):
+def test_replay_draws_noise_as_recorded_even_if_engine_defaults_change(
+    tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory, monkeypatch
+):
     from zo_trainer.engine import ZOEngine
 
     model = tiny_llama_factory()
@@ -296,8 +323,9 @@ def test_replay_trains_exactly_the_tensors_that_trained(tmp_path, tiny_tokenizer
 
 
 # ----- issue 8: non-finite values never crash or hide; quantization recorded ---------------------------------------
-def test_skipped_steps_log_nan_and_the_trajectory_stays_strict_json(tmp_path, tiny_tokenizer, rte_small,
-                                                                    tiny_llama_factory):
+def test_skipped_steps_log_nan_and_the_trajectory_stays_strict_json(
+    tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory
+):
     model = tiny_llama_factory()
     NaNOnCalls(model, {call: float("nan") for call in range(0, 4)})  # Global steps 1 and 2: both passes NaN.
     trainer = make_trainer(tmp_path, tiny_tokenizer, rte_small, model, max_steps=3, zo_max_skipped_steps=5)
@@ -309,16 +337,18 @@ def test_skipped_steps_log_nan_and_the_trajectory_stays_strict_json(tmp_path, ti
     assert records[0]["projected_gradients"] == ["nan"]
 
 
-def test_trajectory_writer_and_reader_survive_non_finite_values(tmp_path, tiny_tokenizer, rte_small,
-                                                                tiny_llama_factory):
-    from zo_trainer.replay import dumps_trajectory, trajectory_payload
+def test_trajectory_writer_and_reader_survive_non_finite_values(
+    tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory
+):
+    from zo_trainer.trajectory import dumps_trajectory, trajectory_payload
 
     trainer = make_trainer(tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory(), max_steps=1)
     trainer.train()
     payload = trajectory_payload(trainer)
     payload["fingerprint"] = [float("nan"), float("inf")]  # A diverged run's weights.
-    payload["steps"].append({"global_step": 2, "seeds": [1], "projected_gradients": [float("-inf")], "lr": 1e-3,
-                             "skipped": True})
+    payload["steps"].append(
+        {"global_step": 2, "seeds": [1], "projected_gradients": [float("-inf")], "lr": 1e-3, "skipped": True}
+    )
     text = dumps_trajectory(payload)  # Used to raise "Out of range float values are not JSON compliant".
     json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     (tmp_path / "t.json").write_text(text)
@@ -342,14 +372,45 @@ def test_finite_check_names_the_tensor(tiny_llama_factory):
 @pytest.mark.quant
 def test_qzo_trajectory_records_nf4_and_replay_uses_it(tmp_path, tiny_base_dir, small_rte):
     pytest.importorskip("bitsandbytes")
-    from zo_trainer import train
+    from zo_trainer.cli import train
 
     out = tmp_path / "qzo"
-    train.run(["--model_name_or_path", str(tiny_base_dir), "--task", "rte", "--data_dir", str(small_rte),
-               "--quantization", "nf4", "--optim", "qzo", "--learning_rate", "1e-3", "--max_steps", "2",
-               "--num_train", "6", "--num_dev", "2", "--num_eval", "4", "--max_length", "64",
-               "--per_device_train_batch_size", "3", "--save_strategy", "no", "--report_to", "none",
-               "--disable_tqdm", "true", "--output_dir", str(out)])
+    train.run(
+        [
+            "--model_name_or_path",
+            str(tiny_base_dir),
+            "--task",
+            "rte",
+            "--data_dir",
+            str(small_rte),
+            "--quantization",
+            "nf4",
+            "--optim",
+            "qzo",
+            "--learning_rate",
+            "1e-3",
+            "--max_steps",
+            "2",
+            "--num_train",
+            "6",
+            "--num_dev",
+            "2",
+            "--num_eval",
+            "4",
+            "--max_length",
+            "64",
+            "--per_device_train_batch_size",
+            "3",
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert trajectory(out)["quantization"] == "nf4"
     replay_run(["--trajectory", str(out), "--output_dir", str(tmp_path / "rebuilt")])  # No --quantization needed.
     rebuilt, trained = (load_file(str(folder / "model.safetensors")) for folder in (tmp_path / "rebuilt", out))
@@ -359,5 +420,6 @@ def test_qzo_trajectory_records_nf4_and_replay_uses_it(tmp_path, tiny_base_dir, 
     payload["quantization"] = None
     (tmp_path / "plain.json").write_text(json.dumps(payload))
     with pytest.raises(TrajectoryError, match="trained with quantization None"):
-        replay_run(["--trajectory", str(tmp_path / "plain.json"), "--output_dir", str(tmp_path / "x"),
-                    "--quantization", "nf4"])
+        replay_run(
+            ["--trajectory", str(tmp_path / "plain.json"), "--output_dir", str(tmp_path / "x"), "--quantization", "nf4"]
+        )

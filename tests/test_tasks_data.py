@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import make_tiny_llama
 from zo_trainer import data as zdata
 from zo_trainer.data import (
     CandidateCollator,
@@ -49,8 +50,12 @@ def _rte_rows(n: int = 300) -> list[dict]:
         return _read_jsonl(RTE_DIR / "train.jsonl")[:n]
     # Fallback sentences so tokenizer/model tests still run without the data.
     return [
-        {"premise": f"The cat number {i} sat on the mat in city {i % 7}.",
-         "hypothesis": f"A cat sat in city {i % 5}.", "label": ["entailment", "not_entailment"][i % 2], "idx": i}
+        {
+            "premise": f"The cat number {i} sat on the mat in city {i % 7}.",
+            "hypothesis": f"A cat sat in city {i % 5}.",
+            "label": ["entailment", "not_entailment"][i % 2],
+            "idx": i,
+        }
         for i in range(n)
     ]
 
@@ -81,16 +86,13 @@ def tokenizer(rte_rows):
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    return make_tiny_llama(
+        len(tokenizer),
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+    ).eval()
 
 
 def _features(tokenizer, task: Task, rows: list[dict], max_length: int = 256) -> list[dict]:
@@ -148,8 +150,13 @@ def test_other_tasks_format():
     p = wic.format_prompt({"word": "bank", "sentence1": "A.", "sentence2": "B."})
     assert p.endswith("A.\nB.\n") and '"bank"' in p
     copa = get_task("copa")
-    ex = {"premise": "The man broke his toe.", "choice1": "He dropped a hammer.", "choice2": "He ran.",
-          "question": "cause", "label": 0}
+    ex = {
+        "premise": "The man broke his toe.",
+        "choice1": "He dropped a hammer.",
+        "choice2": "He ran.",
+        "question": "cause",
+        "label": 0,
+    }
     assert copa.format_prompt(ex) == "The man broke his toe because"
     assert copa.get_candidates(ex) == (" he dropped a hammer.", " he ran.")
     assert copa.format_prompt({**ex, "question": "effect"}).endswith(" so")
@@ -260,10 +267,12 @@ def test_hub_branch_validates(monkeypatch, rte_rows):
     def fake_load(path, config):
         assert (path, config) == ("aps/super_glue", "rte")
         rows = [{**r, "label": i % 2} for i, r in enumerate(rte_rows[:30])]
-        return datasets.DatasetDict({
-            "train": datasets.Dataset.from_list(rows[:20]),
-            "validation": datasets.Dataset.from_list(rows[20:]),
-        })
+        return datasets.DatasetDict(
+            {
+                "train": datasets.Dataset.from_list(rows[:20]),
+                "validation": datasets.Dataset.from_list(rows[20:]),
+            }
+        )
 
     monkeypatch.setattr(zdata.datasets, "load_dataset", fake_load)
     s = load_task_splits(RTE, None, num_train=10, num_dev=5, num_eval=100)
@@ -271,8 +280,7 @@ def test_hub_branch_validates(monkeypatch, rte_rows):
 
     def bad_load(path, config):
         ds = fake_load(path, config)
-        return datasets.DatasetDict({"train": ds["train"],
-                                     "validation": ds["validation"].map(lambda r: {"label": 7})})
+        return datasets.DatasetDict({"train": ds["train"], "validation": ds["validation"].map(lambda r: {"label": 7})})
 
     monkeypatch.setattr(zdata.datasets, "load_dataset", bad_load)
     with pytest.raises(ValueError, match=r"example 0.*allowed labels"):
@@ -334,7 +342,7 @@ def test_collator_single_token_left_padding(tokenizer, rte_rows):
     pad = tokenizer.pad_token_id
     for i, f in enumerate(feats):
         n = lens[i]
-        assert batch["input_ids"][i, L - n:].tolist() == f["prompt_ids"]
+        assert batch["input_ids"][i, L - n :].tolist() == f["prompt_ids"]
         assert (batch["input_ids"][i, : L - n] == pad).all()
         assert batch["attention_mask"][i].tolist() == [0] * (L - n) + [1] * n
         assert batch["position_ids"][i].tolist() == [0] * (L - n) + list(range(n))
@@ -353,7 +361,7 @@ def test_collator_multi_token_shapes(tokenizer, rte_rows):
     assert batch["candidate_ids"][0, 1].tolist() == [feats[0]["candidate_ids"][1][0], 0, 0, 0]
     # Row 1 = example 0 with candidate "No": prompt only, left-padded.
     row = batch["input_ids"][1]
-    assert row[L - seq_lens[1]:].tolist() == feats[0]["prompt_ids"]
+    assert row[L - seq_lens[1] :].tolist() == feats[0]["prompt_ids"]
     assert row[-1].item() == feats[0]["prompt_ids"][-1]
     assert batch["input_ids"][0, -3:].tolist() == feats[0]["candidate_ids"][0][:-1]
     assert (batch["position_ids"] == (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)).all()

@@ -8,49 +8,9 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from zo_trainer import ZOTrainer, ZOTrainingArguments
-from zo_trainer.data import CandidateCollator, compute_accuracy, load_task_splits, prepare_dataset
+from conftest import make_trainer, state
+from zo_trainer import ZOTrainingArguments
 from zo_trainer.engine import perturbation_seed
-from zo_trainer.tasks import get_task
-
-
-@pytest.fixture(scope="module")
-def rte_small(rte_dir, tiny_tokenizer):
-    task = get_task("rte")
-    splits = load_task_splits(task, rte_dir, num_train=16, num_dev=8, num_eval=8, data_seed=0)
-    return {k: prepare_dataset(tiny_tokenizer, task, v, max_length=96) for k, v in splits.items()}
-
-
-def make_trainer(tmp_path, tokenizer, data, model, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        optim="mezo",
-        learning_rate=1e-3,
-        max_steps=3,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=7,
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    args = ZOTrainingArguments(**settings)
-    return ZOTrainer(
-        model=model,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=data["dev"],
-        processing_class=tokenizer,
-        data_collator=CandidateCollator(tokenizer),
-        compute_metrics=compute_accuracy,
-    )
-
-
-def state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def test_mezo_step_is_exactly_the_seeded_update(tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory):
@@ -103,8 +63,13 @@ def test_gradient_accumulation_equals_larger_batch(tmp_path, tiny_tokenizer, rte
     for batch, accumulation in [(4, 1), (2, 2)]:
         model = tiny_llama_factory()
         trainer = make_trainer(
-            tmp_path, tiny_tokenizer, rte_small, model, max_steps=2,
-            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+            tmp_path,
+            tiny_tokenizer,
+            rte_small,
+            model,
+            max_steps=2,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
         )
         trainer.train()
         results.append((trainer._zo_optimizer().trajectory, state(model)))
@@ -117,7 +82,9 @@ def test_gradient_accumulation_equals_larger_batch(tmp_path, tiny_tokenizer, rte
 
 
 def test_several_perturbations_average(tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory):
-    trainer = make_trainer(tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory(), max_steps=2, zo_num_perturbations=3)
+    trainer = make_trainer(
+        tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory(), max_steps=2, zo_num_perturbations=3
+    )
     trainer.train()
     for step, record in enumerate(trainer._zo_optimizer().trajectory):
         assert record["seeds"] == [perturbation_seed(7, step, k) for k in range(3)]
@@ -129,14 +96,26 @@ def test_resume_is_bit_exact(tmp_path, tiny_tokenizer, rte_small, tiny_llama_fac
     make_trainer(tmp_path / "a", tiny_tokenizer, rte_small, full, optim="sparse_mezo", max_steps=4).train()
     first = tiny_llama_factory()
     trainer = make_trainer(
-        tmp_path / "b", tiny_tokenizer, rte_small, first, optim="sparse_mezo", max_steps=4,
-        save_strategy="steps", save_steps=2,
+        tmp_path / "b",
+        tiny_tokenizer,
+        rte_small,
+        first,
+        optim="sparse_mezo",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
     )
     trainer.train()
     resumed = tiny_llama_factory(seed=123)  # Different init: everything must come from the checkpoint.
     trainer = make_trainer(
-        tmp_path / "b", tiny_tokenizer, rte_small, resumed, optim="sparse_mezo", max_steps=4,
-        save_strategy="steps", save_steps=2,
+        tmp_path / "b",
+        tiny_tokenizer,
+        rte_small,
+        resumed,
+        optim="sparse_mezo",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
     )
     trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-2"))
     expected = state(full)

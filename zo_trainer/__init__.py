@@ -8,9 +8,10 @@ import logging as _logging
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in str(record.msg))
 
 from .engine import ZOEngine, ZOTarget, perturbation_seed, projected_gradient
-from .methods import QZO, ZO_METHODS, MeZO, SparseMeZO, ZOMethod, get_method
+from .methods import QZO, ZO_METHODS, MethodConfig, MeZO, SparseMeZO, ZOMethod, get_method, register_method
 from .optim import ZOOptimizer
 from .patch import disable, enable, is_enabled
+from .step import zo_step
 from .trainer import ZOCallback, ZOTrainer
 from .training_args import ZO_OPTIMIZERS, ZOTrainingArguments
 
@@ -30,6 +31,9 @@ __all__ = [
     "ZOCallback",
     "ZOTrainingArguments",
     "get_method",
+    "register_method",
+    "MethodConfig",
+    "zo_step",
     "perturbation_seed",
     "projected_gradient",
     "enable",

@@ -5,6 +5,7 @@
     zo-bench accuracy [--quick] ...                          # RTE accuracy vs steps (zo-train subprocesses)
     zo-bench growth   [--quick] ...                          # step time and peak RSS vs model size / batch
     zo-bench all      [--quick] ...
+    zo-bench study    [--quick] [--runs a,b] [--list] [--report]  # the RTE accuracy study (zo_trainer/study.py)
     python -m zo_trainer.bench memory-worker --config '{...}'   # internal: one memory measurement
 
 Every figure is a ratio of two quantities measured in the same run (the CPU is shared, so absolute
@@ -240,7 +241,7 @@ def gptq_dir(quick: bool, work: Path, src: Path) -> Path:
     out = cache / ("tiny-gptq4-g64" if quick else "smol-gptq4-g64")
     if (out / "quantize_config.json").exists():
         return out
-    from .quantize import quantize
+    from .cli.quantize import quantize
 
     lines = Path(RTE_DIR_DEFAULT, "train.jsonl").read_text().splitlines()
     texts = [json.loads(line)["premise"] for line in lines[: (8 if quick else 32)]]
@@ -811,9 +812,9 @@ def _run_train(name: str, argv: list[str], log_path: Path, in_process: bool, tim
     t0 = time.time()
     status = "ok"
     if in_process:
-        from .train import main as train_main
+        from .cli.train import run as train_run
 
-        metrics = train_main(argv)
+        metrics = train_run(argv)
         log_text = ""
     else:
         cmd = [sys.executable, "-m", "zo_trainer.train", *argv]
@@ -1235,6 +1236,10 @@ def report(out: Path) -> str:
             dl = "n/a" if s_["dev_loss"] is None else f"{s_['dev_loss']:.4f}"
             da = "n/a" if s_["dev_accuracy"] is None else f"{s_['dev_accuracy']:.3f}"
             lines.append(f"| {s_['learning_rate']:g} | {s_['zo_eps']:g} | {s_['steps']} | {dl} | {da} | {s_['status']} |")
+    if (out / "rte_study").is_dir():
+        from .study import study_report
+
+        lines += ["", "Accuracy study (RTE, `zo-bench study`):", "", study_report(out / "rte_study")]
     gr = load("growth.json")
     if gr:
         lines += ["", "Growth:", "", "| model | params | batch | tokens | mezo step (s) | two forwards (s) | ratio | mezo peak RSS (MiB) | inference peak RSS (MiB) |",
@@ -1256,7 +1261,7 @@ SUITES = ("speed", "memory", "accuracy", "growth")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zo-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=[*SUITES, "all", "report", "memory-worker"])
+    p.add_argument("suite", choices=[*SUITES, "all", "report", "study", "memory-worker"])
     p.add_argument("--quick", action="store_true", help="tiny random model, CI-sized (< 60 s for all suites)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG files")
     p.add_argument("--data_dir", default=os.environ.get("ZO_BENCH_RTE", RTE_DIR_DEFAULT), help="RTE jsonl folder")
@@ -1270,15 +1275,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_sizes", default=None, help="growth: comma-separated batch sizes")
     p.add_argument("--batch_model", default=None, help="growth: model size of the batch axis (default 35M)")
     p.add_argument("--config", default=None, help="memory-worker: JSON configuration")
+    p.add_argument("--runs", default=None, help="study: comma-separated run names (default: the whole plan, in order)")
+    p.add_argument("--root", default=None, help="study: run folders and logs (default out/study, gitignored)")
+    p.add_argument("--threads", type=int, default=1, help="study: torch threads per run")
+    p.add_argument("--nice", type=int, default=10, help="study: niceness of the harness and its zo-train runs")
+    p.add_argument("--list", action="store_true", help="study: print the plan and what is done")
+    p.add_argument("--report", action="store_true", help="study: only the table and plots of <out>/rte_study")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The ``zo-bench`` console script: the suite's exit status (0 on success), 2 for bad flags, 1 for a failed run."""
+    from .cli.errors import run_console_script
+
+    return run_console_script("zo-bench", _main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from .cli.errors import usage_errors_in_one_line
+
+    parser = build_parser()
+    usage_errors_in_one_line(parser, "zo-bench")
+    args = parser.parse_args(argv)
     if args.suite == "memory-worker":
         result = memory_worker(json.loads(args.config))
         print("ZO_BENCH_RESULT " + json.dumps(result, default=_json_default), flush=True)
         return 0
+    if args.suite == "study":
+        from .study import main_study
+
+        return main_study(Path(args.out), args.quick, args.runs, args.root, args.threads, args.nice, args.list,
+                          args.report, plan_file=args.plan, data_dir=args.data_dir)
     if args.suite == "report":
         replot(Path(args.out))
         print(report(Path(args.out)), end="")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import datasets
 import numpy as np
@@ -62,8 +63,7 @@ def _check_example(task: Task, example: Any, where: str) -> None:
         ok = False
     if not ok:
         raise ValueError(
-            f"{where}: label {label!r} is not allowed for task {task.name!r}; "
-            f"allowed labels: {list(task.label_map)}"
+            f"{where}: label {label!r} is not allowed for task {task.name!r}; allowed labels: {list(task.label_map)}"
         )
 
 
@@ -76,7 +76,7 @@ def _read_jsonl(task: Task, path: Path) -> int:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(
-                    f"{path}: line {lineno} is not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column "
+                    f"{path}: line {lineno} is not valid UTF-8 (byte {raw[e.start : e.start + 1]!r} at column "
                     f"{e.start + 1}); re-encode the file as UTF-8"
                 ) from None
             if not line.strip():
@@ -189,9 +189,7 @@ def tokenize_example(tokenizer: Any, task: Task, example: Mapping[str, Any], max
     a leading BOS; ``truncated`` reports it.
     """
     prompt_ids = list(tokenizer(task.format_prompt(example))["input_ids"])
-    candidate_ids = [
-        list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in task.get_candidates(example)
-    ]
+    candidate_ids = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in task.get_candidates(example)]
     if any(len(c) == 0 for c in candidate_ids):
         raise ValueError(f"task {task.name!r}: a candidate tokenizes to no tokens: {task.get_candidates(example)}")
     if not prompt_ids:
@@ -241,7 +239,10 @@ def prepare_dataset(tokenizer: Any, task: Task, dataset: datasets.Dataset, max_l
     if n_trunc:
         logger.warning(
             "%s: %d of %d examples were truncated from the left to fit max_length=%d",
-            task.name, n_trunc, len(mapped), max_length,
+            task.name,
+            n_trunc,
+            len(mapped),
+            max_length,
         )
     return mapped.remove_columns("truncated")
 
@@ -297,7 +298,9 @@ class CandidateCollator:
         B, C = len(features), num_c.pop()
         bad = [int(v) for v in labels.tolist() if not 0 <= v < C]
         if bad:  # cross_entropy would fail deep inside the forward (a device-side assert on CUDA).
-            raise ValueError(f"label(s) {sorted(set(bad))} outside the {C} candidates of this task (class ids 0..{C - 1})")
+            raise ValueError(
+                f"label(s) {sorted(set(bad))} outside the {C} candidates of this task (class ids 0..{C - 1})"
+            )
         pad = self.pad_token_id
 
         if all(len(c) == 1 for cs in cands for c in cs):

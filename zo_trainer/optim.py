@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .engine import ZOEngine
+from .engine import ZOEngine, check_finite_weights, first_non_finite  # noqa: F401  (re-exported)
 from .methods import ZOMethod
 
 logger = logging.getLogger(__name__)
@@ -31,26 +31,6 @@ DEAD_RUN_STEPS = 10
 
 
 @torch.no_grad()
-def first_non_finite(named_tensors) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
-    for name, tensor in named_tensors:
-        if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
-
-
-def check_finite_weights(model: torch.nn.Module, source: str | None = None) -> None:
-    """Refuse a model whose weights hold NaN/inf (a corrupt file): every ZO step on it would be skipped."""
-    named = list(model.named_parameters()) + list(model.named_buffers())
-    bad = first_non_finite(named)
-    if bad is not None:
-        where = f" loaded from {source}" if source else ""
-        raise ValueError(
-            f"the model{where} has non-finite values (NaN or inf) in tensor {bad!r}: the weights file is corrupt or "
-            "was saved from a diverged run; load an intact checkpoint"
-        )
-
-
 def update_coefficients(values: list[float], lr: float, num_perturbations: int) -> list[float]:
     """The coefficients of ``ZOEngine.update`` for one step: ``lr * g_k / n``.
 
@@ -102,7 +82,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._sums: torch.Tensor | None = None  # Sum over micro-batches of the projected gradient, per direction.
         self._counts = 0
         self.consecutive_skips = 0
-        self.last_projected_gradients: list[float] = []
         self._logged_sum = 0.0
         self._logged_count = 0
         self._global_step: int | None = None  # HF's global_step once the pending step is applied.
@@ -187,7 +166,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                     "The projected gradient was exactly 0 for %d steps in a row (up to global step %s): "
                     "L(w + eps z) == L(w - eps z) bit for bit, so training no longer moves the weights. The loss is "
                     "saturated (learning rate %g too large? weights huge?) or zo_eps is too small for the dtype.",
-                    DEAD_RUN_STEPS, global_step, lr,
+                    DEAD_RUN_STEPS,
+                    global_step,
+                    lr,
                 )
         else:
             self.consecutive_zero_gradients = 0
@@ -203,7 +184,6 @@ class ZOOptimizer(torch.optim.Optimizer):
             )
         self.engine.update(seeds, coefficients, lr=lr)
         self.trajectory.append(record)
-        self.last_projected_gradients = values
         self._logged_sum += sum(values) / len(values)
         self._logged_count += 1
         return None

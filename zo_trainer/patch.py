@@ -22,7 +22,7 @@ unused ``zo_*`` fields. Only classes are rebound; HF's own modules keep using th
 Code imported after ``enable()`` that subclasses ``transformers.Trainer`` / ``TrainingArguments`` (a library's own
 trainer, a script's ``class MyTrainer(Trainer)``) derives from the ZO classes directly.
 
-``zo-run script.py ...`` (``zo_trainer.launch``) calls ``enable()`` and runs the script as ``__main__``.
+``zo-run script.py ...`` (``zo_trainer.cli.launch``) calls ``enable()`` and runs the script as ``__main__``.
 """
 
 from __future__ import annotations

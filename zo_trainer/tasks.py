@@ -7,8 +7,9 @@ Prompts follow the MeZO templates (Malladi et al., 2023) for the SuperGLUE tasks
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __all__ = ["Task", "TASKS", "get_task", "register_task"]
 
@@ -33,11 +34,6 @@ class Task:
     candidates_fn: Callable[[dict], tuple[str, ...]] | None = field(default=None, compare=False)
     prompt_fn: Callable[[dict], str] | None = field(default=None, compare=False)
 
-    @property
-    def num_classes(self) -> int:
-        """Number of distinct class ids."""
-        return len(set(self.label_map.values()))
-
     def format_prompt(self, example: Mapping[str, Any]) -> str:
         """The prompt text for ``example`` (everything before the answer)."""
         if self.prompt_fn is not None:
@@ -56,8 +52,7 @@ class Task:
             return self.label_map[raw_label]
         except (KeyError, TypeError):
             raise ValueError(
-                f"task {self.name!r}: label {raw_label!r} is not one of the allowed labels "
-                f"{list(self.label_map)}"
+                f"task {self.name!r}: label {raw_label!r} is not one of the allowed labels {list(self.label_map)}"
             ) from None
 
 
@@ -124,8 +119,7 @@ WIC = Task(
     hub_path="aps/super_glue",
     hub_config="wic",
     template=(
-        'Does the word "{word}" have the same meaning in these two sentences? Yes, No?\n'
-        "{sentence1}\n{sentence2}\n"
+        'Does the word "{word}" have the same meaning in these two sentences? Yes, No?\n{sentence1}\n{sentence2}\n'
     ),
     candidates=("No", "Yes"),
     label_map={False: 0, True: 1},

@@ -12,22 +12,24 @@ import contextlib
 import json
 import logging
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers import trainer as hf_trainer_module
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import CandidateCollator, candidate_loss
-from .engine import ZOEngine, perturbation_seed, projected_gradient
+from .engine import ZOEngine
 from .methods import ZOMethod, get_method
-from .optim import NonFiniteLossError, ZOOptimizer, first_non_finite, fingerprints_match, weights_fingerprint
-from .replay import TRAJECTORY_NAME, TrajectoryError, load_trajectory, save_trajectory
+from .optim import NonFiniteLossError, ZOOptimizer, fingerprints_match, first_non_finite, weights_fingerprint
+from .step import zo_step
 from .training_args import ZOTrainingArguments
+from .trajectory import TRAJECTORY_NAME, TrajectoryError, _json_float, load_trajectory, save_trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class ZOTrajectoryCallback(TrainerCallback):
     (Checkpoints get theirs from ``ZOTrainer.save_model``, inside HF's checkpoint flow.)
     """
 
-    def __init__(self, trainer: "ZOTrainer"):
+    def __init__(self, trainer: ZOTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -126,7 +128,7 @@ def _requested_processes() -> tuple[int, str] | None:
 class ZOLayoutCallback(TrainerCallback):
     """One INFO line at train start naming the data-parallel layout (after the script has set up logging)."""
 
-    def __init__(self, trainer: "ZOTrainer"):
+    def __init__(self, trainer: ZOTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -139,13 +141,21 @@ class ZOLayoutCallback(TrainerCallback):
             logger.info(
                 "ZO data parallel: %d processes, backend %s, device %s; each optimizer step all-reduces %d bytes "
                 "(%d projected gradient(s), float64); global batch %d x %d x %d = %d.",
-                world, backend, args.device.type, 8 * n, n,
-                args.per_device_train_batch_size, world, args.gradient_accumulation_steps, global_batch,
+                world,
+                backend,
+                args.device.type,
+                8 * n,
+                n,
+                args.per_device_train_batch_size,
+                world,
+                args.gradient_accumulation_steps,
+                global_batch,
             )
         else:
             logger.info(
                 "ZO in one process on %s (not data parallel: 0 bytes all-reduced per step); global batch %d.",
-                args.device.type, global_batch,
+                args.device.type,
+                global_batch,
             )
         requested = _requested_processes()
         if requested is not None and requested[0] > world and trainer.is_world_process_zero():
@@ -153,7 +163,9 @@ class ZOLayoutCallback(TrainerCallback):
                 "%s asked for %d processes but this run has %d: it is NOT data parallel. accelerate launch starts "
                 "one process with --cpu; use `accelerate launch --multi_gpu --num_processes N` (without --cpu; "
                 "on a machine without GPUs it runs gloo on CPU) or `torchrun --nproc_per_node N`.",
-                requested[1], requested[0], world,
+                requested[1],
+                requested[0],
+                world,
             )
 
 
@@ -352,21 +364,16 @@ class ZOTrainer(Trainer):
         # Both passes must see the same function: no dropout (Llama-family models have none anyway).
         model.eval()
         inputs = self._prepare_inputs(inputs)
-        optimizer = self._zo_optimizer()
-        eps = self.args.zo_eps
-        total = torch.zeros((), device=self.args.device)
-        with torch.no_grad():
-            for index in range(self.args.zo_num_perturbations):
-                seed = perturbation_seed(self.args.seed, self.state.global_step, index)
-                with self.zo_engine.perturbed(seed, +eps):
-                    loss_plus = self.compute_loss(model, inputs)
-                with self.zo_engine.perturbed(seed, -eps):
-                    loss_minus = self.compute_loss(model, inputs)
-                optimizer.accumulate(
-                    index, seed, projected_gradient(loss_plus, loss_minus, eps), step=self.state.global_step
-                )
-                total += (loss_plus.detach() + loss_minus.detach()).float().to(total.device)
-        loss = total / (2 * self.args.zo_num_perturbations)
+        loss = zo_step(
+            self.zo_engine,
+            self._zo_optimizer(),
+            lambda: self.compute_loss(model, inputs),
+            eps=self.args.zo_eps,
+            num_perturbations=self.args.zo_num_perturbations,
+            seed=self.args.seed,
+            step=self.state.global_step,
+            device=self.args.device,
+        )
         return loss / self.current_gradient_accumulation_steps
 
     # ----- saving --------------------------------------------------------------------------------
@@ -412,8 +419,6 @@ class ZOTrainer(Trainer):
             saved = load_trajectory(checkpoint)
         except TrajectoryError as error:
             raise ValueError(f"cannot resume from {checkpoint}: {error}") from None
-        from .replay import _json_float
-
         args, method, first = self.args, self.zo_method, self.zo_engine.targets[0].get()
         differences = []
 
@@ -448,7 +453,8 @@ class ZOTrainer(Trainer):
                 )
         if differences:
             raise ValueError(
-                f"cannot resume from {checkpoint}: it was trained with different settings: " + "; ".join(differences)
+                f"cannot resume from {checkpoint}: it was trained with different settings: "
+                + "; ".join(differences)
                 + ". Resume with the checkpoint's settings, or start a new run in another --output_dir."
             )
         with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as handle:
@@ -577,8 +583,6 @@ class ZOTrainer(Trainer):
             handle.write(card)
 
     def _zo_model_card_section(self) -> str:
-        from .replay import TRAJECTORY_NAME
-
         args, method = self.args, self.zo_method
         papers = {
             "mezo": "MeZO, Malladi et al. 2023",

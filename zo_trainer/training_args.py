@@ -15,7 +15,8 @@ from .methods import ZO_METHODS
 
 logger = logging.getLogger(__name__)
 
-ZO_OPTIMIZERS: tuple[str, ...] = tuple(ZO_METHODS)
+# The registered ZO method names, live: a method added by ``register_method`` later is in it too.
+ZO_OPTIMIZERS = ZO_METHODS.keys()
 
 
 def _launched_on_cpu_only() -> bool:
@@ -29,15 +30,57 @@ def _launched_on_cpu_only() -> bool:
     return not has_accelerator
 
 
-_OPTIM_CHOICES = list(ZO_OPTIMIZERS) + [o.value for o in OptimizerNames]
+class _OptimChoices:
+    """``--optim`` choices computed when argparse reads them: the registered ZO methods, then HF's optimizers."""
+
+    def _names(self) -> list[str]:
+        return list(ZO_OPTIMIZERS) + [o.value for o in OptimizerNames]
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._names()
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+_OPTIM_CHOICES = _OptimChoices()
 
 
 @dataclass
 class ZOTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` whose ``optim`` also accepts ``mezo``, ``sparse_mezo`` and ``qzo``.
+    r"""
+    ``TrainingArguments`` whose ``optim`` also accepts the zeroth-order methods (``mezo``, ``sparse_mezo``, ``qzo``
+    and any added with ``zo_trainer.methods.register_method``).
 
-    With a ZO optimizer no backward runs, no ``.grad`` and no optimizer state is allocated: each step
-    evaluates the loss at ``w + eps z`` and ``w - eps z`` and moves ``w`` along ``z``.
+    With a ZO optimizer no backward runs, no ``.grad`` and no optimizer state is allocated: each step evaluates the
+    loss at ``w + eps z`` and ``w - eps z`` and moves ``w`` along ``z``. Only the parameters below are added; every
+    other parameter is ``transformers.TrainingArguments``'. The same text is the ``--help`` of ``zo-train``.
+
+    Parameters:
+        optim (`str`, *optional*, defaults to `"adamw_torch"`):
+            `"mezo"` (dense ZO-SGD), `"sparse_mezo"` (ZO on the small-magnitude entries of each weight matrix),
+            `"qzo"` (ZO on the quantization scales of an int4 model), a registered method, or any of HF's
+            first-order optimizers.
+        zo_eps (`float`, *optional*, defaults to `1e-3`):
+            Perturbation scale eps of the two-point estimate; must be > 0.
+        zo_sparsity (`float` or `None`, *optional*, defaults to `None`):
+            Fraction of each weight matrix (of each scale tensor for qzo) that stays frozen; the smallest-magnitude
+            (1 - sparsity) are trained. In [0, 1). `None`: 0.8 for sparse_mezo, 0 for qzo (mezo refuses > 0).
+        zo_num_perturbations (`int`, *optional*, defaults to `1`):
+            Directions z per step; their estimates are averaged (n-SPSA). Each costs two forward passes.
+        zo_clip (`float` or `None`, *optional*, defaults to `None`):
+            Clip the projected gradient to [-zo_clip, zo_clip]. `None`: 100 for qzo (the paper's value), no
+            clipping otherwise; `inf` disables it.
+        zo_train_unquantized (`bool`, *optional*, defaults to `False`):
+            qzo only: also train the un-quantized tensors (norms, embeddings, lm_head) with dense ZO.
+        zo_max_skipped_steps (`int`, *optional*, defaults to `10`):
+            Stop with an error after this many consecutive steps skipped for a non-finite loss.
+
+    Which of these a method reads is its ``MethodConfig`` (``zo_trainer.methods``), built from these arguments by
+    ``MethodConfig.from_training_args``.
     """
 
     optim: str = field(
@@ -85,9 +128,12 @@ class ZOTrainingArguments(TrainingArguments):
             default = {f.name: f.default for f in dataclasses.fields(self)}.get("gradient_checkpointing")
             if self.gradient_checkpointing and default is True:
                 # A subclass turns it on by default (TRL's SFTConfig); a ZO step has no backward to checkpoint.
-                logger.info("%s: gradient_checkpointing off (its default is on; ZO runs no backward).", type(self).__name__)
+                logger.info(
+                    "%s: gradient_checkpointing off (its default is on; ZO runs no backward).", type(self).__name__
+                )
                 self.gradient_checkpointing = None  # Unset: HF resolves it to False, without its deprecation warning.
             self._validate_zo(zo_name)
+            _register_plain_trainer_refusals()  # For a method registered after this module was imported.
             if int(os.environ.get("RANK", "0")) != 0:
                 # Warnings once per run, not once per process: the other ranks log errors only (data preparation
                 # before the Trainer exists included; ZOTrainer confirms it from the Trainer's own process index).

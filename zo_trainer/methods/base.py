@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..engine import ZOTarget
 
-if TYPE_CHECKING:
-    from ..training_args import ZOTrainingArguments
+
+def _arg(name: str, **kwargs: Any) -> Any:
+    """A config field read from the training argument ``name`` (see ``MethodConfig.from_training_args``)."""
+    return field(metadata={"arg": name}, **kwargs)
+
+
+@dataclass
+class MethodConfig:
+    """The settings a ZO method reads (PEFT-style), each the value of one ``ZOTrainingArguments`` field.
+
+    ``None`` means the method's default (``ZOMethod.default_sparsity`` / ``default_clip``). A method with more
+    settings subclasses this and names it as its ``config_class`` (see ``QZOConfig``).
+    """
+
+    sparsity: float | None = _arg("zo_sparsity", default=None)
+    clip: float | None = _arg("zo_clip", default=None)
+    weight_decay: float = _arg("weight_decay", default=0.0)
+
+    @classmethod
+    def from_training_args(cls, args: Any) -> MethodConfig:
+        """The one place training arguments become a method's settings: ``args`` is a ``ZOTrainingArguments`` or a
+        mapping of its field names (a trajectory's ``method_args``); missing or ``None`` values keep the default."""
+        if isinstance(args, Mapping):
+            values = {f.name: args.get(f.metadata["arg"]) for f in dataclasses.fields(cls)}
+        else:
+            values = {f.name: getattr(args, f.metadata["arg"], None) for f in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in values.items() if value is not None})
+
+    def to_training_args(self) -> dict[str, Any]:
+        """The settings under their training-argument names (what a trajectory records as ``method_args``)."""
+        return {f.metadata["arg"]: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -26,13 +58,17 @@ class ZOMethod:
     """A zeroth-order method over the shared engine (``zo_trainer.engine.ZOEngine``)."""
 
     name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
     default_sparsity: ClassVar[float] = 0.0
     default_clip: ClassVar[float | None] = None
 
-    def __init__(self, args: "ZOTrainingArguments"):
-        self.args = args
-        self.sparsity = self.default_sparsity if args.zo_sparsity is None else args.zo_sparsity
-        self.clip_value = self.default_clip if args.zo_clip is None else args.zo_clip
+    def __init__(self, config: MethodConfig | Any):
+        """``config``: this method's ``config_class``, or training arguments to build it from."""
+        if not isinstance(config, self.config_class):
+            config = self.config_class.from_training_args(config)
+        self.config = config
+        self.sparsity = self.default_sparsity if config.sparsity is None else config.sparsity
+        self.clip_value = self.default_clip if config.clip is None else config.clip
 
     def targets(self, model: nn.Module) -> list[ZOTarget]:
         raise NotImplementedError

@@ -18,5 +18,5 @@ class MeZO(ZOMethod):
         targets = parameter_targets(model, lambda name, owner, p: p.requires_grad and p.is_floating_point())
         for target in targets:
             if self.decays(target.name, target.get()):
-                target.weight_decay = self.args.weight_decay
+                target.weight_decay = self.config.weight_decay
         return targets

@@ -8,11 +8,13 @@ smallest-magnitude scales of each layer are the only ones perturbed (Sparse QZO)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..engine import ZOTarget, parameter_targets
-from .base import ZOMethod, is_peft_model
+from .base import MethodConfig, ZOMethod, _arg, is_peft_model
 
 PEFT_QZO_MESSAGE = (
     "optim='qzo' trains the quantization scales of the 4-bit base model, which a PEFT adapter cannot save or "
@@ -21,8 +23,15 @@ PEFT_QZO_MESSAGE = (
 )
 
 
+@dataclass
+class QZOConfig(MethodConfig):
+    train_unquantized: bool = _arg("zo_train_unquantized", default=False)
+
+
 class QZO(ZOMethod):
     name = "qzo"
+    config_class = QZOConfig
+    config: QZOConfig
     default_clip = 100.0
 
     def targets(self, model: nn.Module) -> list[ZOTarget]:
@@ -34,10 +43,8 @@ class QZO(ZOMethod):
             raise ValueError(PEFT_QZO_MESSAGE)
         scales = scale_tensors(model)
         tiny = torch.finfo(torch.float32).tiny
-        targets = [
-            ZOTarget(name=s.name, modules=(s.module,), get=s.get, set=s.set, min_value=tiny) for s in scales
-        ]
-        if self.args.zo_train_unquantized:
+        targets = [ZOTarget(name=s.name, modules=(s.module,), get=s.get, set=s.set, min_value=tiny) for s in scales]
+        if self.config.train_unquantized:
             # Norms, embeddings and lm_head are ordinary tensors: the dense MeZO update, as the paper does for AQLM.
             targets += parameter_targets(model, lambda name, owner, p: p.is_floating_point() and p.dim() >= 1)
         return targets

@@ -20,16 +20,13 @@ forward and update, never stored. A matrix whose |W| is constant at that point (
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..engine import ZOTarget, parameter_targets
-from .base import ZOMethod, is_peft_model
-
-if TYPE_CHECKING:
-    from ..training_args import ZOTrainingArguments
+from .base import MethodConfig, ZOMethod, is_peft_model
 
 PROJECTION_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 
@@ -56,8 +53,8 @@ class SparseMeZO(ZOMethod):
     name = "sparse_mezo"
     default_sparsity = 0.8
 
-    def __init__(self, args: "ZOTrainingArguments") -> None:
-        super().__init__(args)
+    def __init__(self, config: MethodConfig | Any) -> None:
+        super().__init__(config)
         self._masked_names: set[str] | None = None  # None: every target is a projection matrix.
 
     def targets(self, model: nn.Module) -> list[ZOTarget]:
@@ -73,14 +70,16 @@ class SparseMeZO(ZOMethod):
         else:
             targets = parameter_targets(
                 model,
-                lambda name, owner, p: p.requires_grad
-                and p.is_floating_point()
-                and is_projection_weight(name, owner)
-                and id(p) not in embeddings,
+                lambda name, owner, p: (
+                    p.requires_grad
+                    and p.is_floating_point()
+                    and is_projection_weight(name, owner)
+                    and id(p) not in embeddings
+                ),
             )
         for target in targets:
             if self._masked_names is None or self.decays(target.name, target.get()):
-                target.weight_decay = self.args.weight_decay
+                target.weight_decay = self.config.weight_decay
         return targets
 
     def is_sparsified(self, target: ZOTarget) -> bool:

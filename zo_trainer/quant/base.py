@@ -9,13 +9,16 @@ tensor the kernel reads without copying (``set(get())`` restores).
 
 from __future__ import annotations
 
+import os
+import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 
-__all__ = ["ScaleTensor", "QuantBackend", "as_fp32_master"]
+__all__ = ["ScaleTensor", "QuantBackend", "as_fp32_master", "copy_tokenizer_files"]
 
 
 @dataclass
@@ -42,13 +45,55 @@ def as_fp32_master(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def copy_tokenizer_files(src: str | os.PathLike | None, dst: str | os.PathLike) -> None:
+    """Copy the tokenizer (and generation config) files of the model folder ``src`` into ``dst``, if missing."""
+    if not src or not os.path.isdir(src):
+        return
+    for name in os.listdir(src):
+        if name.startswith("tokenizer") or name in (
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "generation_config.json",
+            "vocab.json",
+            "merges.txt",
+        ):
+            s, d = os.path.join(src, name), os.path.join(dst, name)
+            if os.path.isfile(s) and not os.path.exists(d):
+                shutil.copy2(s, d)
+
+
 class QuantBackend(ABC):
+    """One int4 format: how to load it, find and prepare its scales, and save it (``zo_trainer.quant`` dispatches)."""
+
     name: str  # "gptq" | "nf4"
+    # ``quantization=`` names (``--quantization``) that select this back-end.
+    aliases: tuple[str, ...] = ()
+    # The ``quant_method`` of a checkpoint's ``quantization_config`` that this back-end loads.
+    checkpoint_method: str = ""
 
     @classmethod
     @abstractmethod
     def matches(cls, model: torch.nn.Module) -> bool:
         """True if ``model`` contains quantized linears of this back-end."""
+
+    @classmethod
+    @abstractmethod
+    def load(
+        cls,
+        path: str,
+        requested: str | None,
+        checkpoint_config: dict,
+        dtype: torch.dtype,
+        source: Any = None,
+        **kwargs: Any,
+    ) -> torch.nn.Module:
+        """The model at ``path`` in this format (``requested``: the ``quantization`` name asked for, or None when
+        the checkpoint's ``checkpoint_config`` chose this back-end; ``source``: the name the user gave)."""
+
+    def save(self, model: torch.nn.Module, output_dir: str | os.PathLike) -> None:
+        """A checkpoint ``load`` reads back exactly (default: ``save_pretrained``), with the tokenizer files."""
+        model.save_pretrained(output_dir)
+        copy_tokenizer_files(getattr(model, "name_or_path", None), output_dir)
 
     @abstractmethod
     def prepare(self, model: torch.nn.Module) -> None:

@@ -25,7 +25,7 @@ from .base import QuantBackend, ScaleTensor, as_fp32_master
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BnbNF4Backend", "is_bnb_4bit_module", "keep_fp32_cpu_path"]
+__all__ = ["BnbNF4Backend", "is_bnb_4bit_module", "keep_fp32_cpu_path", "nf4_config"]
 
 
 def is_bnb_4bit_module(module: torch.nn.Module) -> bool:
@@ -33,9 +33,7 @@ def is_bnb_4bit_module(module: torch.nn.Module) -> bool:
     if not mod.startswith("bitsandbytes."):
         return False
     w = getattr(module, "weight", None)
-    return type(w).__name__ == "Params4bit" or (
-        type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
-    )
+    return type(w).__name__ == "Params4bit" or (type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"))
 
 
 def _qs(module):
@@ -71,8 +69,45 @@ def keep_fp32_cpu_path(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def nf4_config(quant_type: str = "nf4"):
+    """bitsandbytes 4-bit on load as QZO needs it: no double quantization (fp32 absmax), fp32 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=False,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
 class BnbNF4Backend(QuantBackend):
     name = "nf4"
+    aliases = ("nf4", "fp4", "bnb", "bitsandbytes")
+    checkpoint_method = "bitsandbytes"
+
+    @classmethod
+    def load(cls, path, requested, checkpoint_config, dtype, source=None, **kwargs):
+        """Quantize an fp model on load (NF4, or FP4 when ``requested``), or load a saved bnb 4-bit checkpoint."""
+        from transformers import AutoModelForCausalLM
+
+        method = str(checkpoint_config.get("quant_method", "")).lower()
+        if method and method != "bitsandbytes":
+            raise ValueError(
+                f"{path} is already a {method.upper()} checkpoint: load it as it is (drop --quantization "
+                f"{requested}); --quantization nf4 quantizes an fp16/fp32 model on load"
+            )
+        if method == "bitsandbytes":
+            if checkpoint_config.get("bnb_4bit_use_double_quant"):
+                raise ValueError(
+                    f"{path} was saved with bnb double quantization; QZO needs "
+                    "bnb_4bit_use_double_quant=False: re-quantize from the fp model with --quantization nf4"
+                )
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", **kwargs)
+        quant_type = "fp4" if requested == "fp4" else "nf4"
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=nf4_config(quant_type), dtype=dtype, device_map="cpu", **kwargs
+        )
 
     @staticmethod
     def _is_quant_module(module):
@@ -104,8 +139,7 @@ class BnbNF4Backend(QuantBackend):
                     from bitsandbytes.utils import _convert_weight_packed_for_cpu_inverse  # type: ignore
                 try:
                     with torch.inference_mode(False), torch.no_grad():
-                        m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                            m.weight.data, qs)
+                        m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
                 except Exception as e:  # pragma: no cover
                     raise ValueError(
                         f"{name}: weight was repacked for bnb's fused bf16 CPU kernel and cannot be "
@@ -125,7 +159,7 @@ class BnbNF4Backend(QuantBackend):
         for mod in model.modules():
             if is_bnb_4bit_module(mod):
                 continue
-            for pname, p in list(mod.named_parameters(recurse=False)):
+            for _pname, p in list(mod.named_parameters(recurse=False)):
                 if p.is_floating_point() and p.dtype != torch.float32:
                     p.data = p.data.float()
             for bname, b in list(mod.named_buffers(recurse=False)):

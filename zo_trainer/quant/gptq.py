@@ -21,15 +21,24 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 
 import torch
 
-from .base import QuantBackend, ScaleTensor, as_fp32_master
+from .base import QuantBackend, ScaleTensor, as_fp32_master, copy_tokenizer_files
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GPTQBackend", "is_gptq_module", "is_torch_linear", "save_gptq", "load_fp32_scales"]
+__all__ = ["GPTQBackend", "is_gptq_module", "is_torch_linear", "save_gptq", "load_fp32_scales", "set_cpu_workers"]
+
+
+def set_cpu_workers() -> None:
+    """gptqmodel's CPU worker pool: 2 unless GPTQMODEL_CPU_WORKERS is set. Its default takes every core, and fewer
+    than 2 fails to load a model ("Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1").
+
+    Call before gptqmodel is imported (it reads the variable then): ``GPTQBackend.load`` and ``zo-quantize`` do.
+    """
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
 
 _FIX = (
     "reload the checkpoint with zo_trainer.quant.load_quantized(path, 'gptq') "
@@ -62,6 +71,29 @@ def _make_set(module):
 
 class GPTQBackend(QuantBackend):
     name = "gptq"
+    aliases = ("gptq",)
+    checkpoint_method = "gptq"
+
+    @classmethod
+    def load(cls, path, requested, checkpoint_config, dtype, source=None, **kwargs):
+        """gptqmodel's ``TorchLinear`` kernel (reads ``scales`` each call); fp32 scales from ``save`` restored."""
+        if str(checkpoint_config.get("quant_method", "")).lower() != "gptq":
+            raise ValueError(
+                f"{path} is not a GPTQ checkpoint; quantize it first with `zo-quantize "
+                f"--model_name_or_path {source} --bits 4 --group_size 64 --output_dir <dir>`"
+            )
+        from transformers import AutoModelForCausalLM, GPTQConfig
+
+        set_cpu_workers()
+        qconf = GPTQConfig(bits=int(checkpoint_config.get("bits", 4)), backend="torch")
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qconf, dtype=dtype, **kwargs)
+        load_fp32_scales(model, path)
+        return model
+
+    def save(self, model, output_dir) -> None:
+        """A v1 GPTQ checkpoint with the current (fp32) scales, loadable with from_pretrained."""
+        save_gptq(model, output_dir)
+        copy_tokenizer_files(getattr(model, "name_or_path", None), output_dir)
 
     @staticmethod
     def _is_quant_module(module):
@@ -85,10 +117,11 @@ class GPTQBackend(QuantBackend):
             if m.bits != 4:
                 logger.warning("%s: %d-bit GPTQ layer (QZO is meant for int4)", name, m.bits)
         # Non-quantized weights (embeddings, norms, lm_head) and bias -> fp32: fp32 dequant path.
-        if any(t.is_floating_point() and t.dtype != torch.float32
-               for t in list(model.parameters()) + list(model.buffers())):
+        if any(
+            t.is_floating_point() and t.dtype != torch.float32 for t in list(model.parameters()) + list(model.buffers())
+        ):
             torch.nn.Module.float(model)  # model.float() is blocked for quantized HF models
-        for name, m in mods:
+        for _name, m in mods:
             m.scales = as_fp32_master(m.scales)
             # drop the torch.compile wrapper installed by TorchLinear.optimize(): eager dequant
             m.__dict__.pop("dequantize_weight", None)
@@ -239,14 +272,3 @@ def load_fp32_scales(model, path) -> int:
                 m.scales = fh.get_tensor(key).to(torch.float32).contiguous()
                 n += 1
     return n
-
-
-def copy_tokenizer_files(src, dst) -> None:
-    if not src or not os.path.isdir(src):
-        return
-    for name in os.listdir(src):
-        if name.startswith("tokenizer") or name in ("special_tokens_map.json", "chat_template.jinja",
-                                                   "generation_config.json", "vocab.json", "merges.txt"):
-            s, d = os.path.join(src, name), os.path.join(dst, name)
-            if os.path.isfile(s) and not os.path.exists(d):
-                shutil.copy2(s, d)

@@ -1,5 +1,8 @@
 """ZO trajectories: the few bytes per step that rebuild the fine-tuned weights from the base model.
 
+Saving, loading and replaying them (library code, used by ``ZOTrainer`` and by the ``zo-replay`` program in
+``zo_trainer.cli.replay``).
+
 A ZO update is ``t -= lr * g_k / n * z_k`` with ``z_k`` regenerated from a seed, so the whole run is the
 base model plus, per step, the seeds, the n projected gradients ``g_k`` and the learning rate.
 ``ZOTrainer`` writes them as ``zo_trajectory.json`` into every checkpoint and into ``output_dir``;
@@ -12,15 +15,13 @@ On the device (and dtype) that trained, the replayed weights equal the trained o
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import math
 import os
 import uuid
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,9 +38,6 @@ logger = logging.getLogger(__name__)
 TRAJECTORY_NAME = "zo_trajectory.json"
 FORMAT = "zo_trainer.trajectory"
 VERSION = 1
-
-# Arguments a method reads (ZOMethod and subclasses); saved so replay builds the same targets.
-_METHOD_ARGS = ("zo_sparsity", "zo_clip", "zo_train_unquantized", "weight_decay")
 
 
 class TrajectoryError(ValueError):
@@ -71,7 +69,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _resume_state(trainer: "ZOTrainer", optimizer: Any) -> dict[str, Any]:
+def _resume_state(trainer: ZOTrainer, optimizer: Any) -> dict[str, Any]:
     """What ``--save_only_model`` would otherwise lose: the LR schedule's position and the optimizer's counters."""
     scheduler = getattr(trainer, "lr_scheduler", None)
     scheduler_state = None
@@ -123,7 +121,7 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
             os.close(dir_fd)
 
 
-def trajectory_payload(trainer: "ZOTrainer") -> dict[str, Any]:
+def trajectory_payload(trainer: ZOTrainer) -> dict[str, Any]:
     """Everything replay needs, from a ``ZOTrainer`` that has (or is) training."""
     optimizer = trainer._zo_optimizer()
     engine, method, args = trainer.zo_engine, trainer.zo_method, trainer.args
@@ -151,7 +149,8 @@ def trajectory_payload(trainer: "ZOTrainer") -> dict[str, Any]:
         "seed": args.seed,
         "num_perturbations": optimizer.num_perturbations,
         "sparsity": method.sparsity,
-        "method_args": {name: _json_float(getattr(args, name, None)) for name in _METHOD_ARGS},
+        # The method's settings (its MethodConfig) under their argument names, so replay builds the same targets.
+        "method_args": {name: _json_float(value) for name, value in method.config.to_training_args().items()},
         "targets": [t.name for t in engine.targets],  # In engine order: a tensor's noise stream depends on its index.
         "num_trained_entries": engine.total_numel,
         "thresholds": thresholds if any(v is not None for v in thresholds.values()) else None,
@@ -175,7 +174,7 @@ def dumps_trajectory(payload: dict[str, Any]) -> str:
     return head + ',"steps":[\n' + ",\n".join(lines) + "\n]}\n"
 
 
-def save_trajectory(trainer: "ZOTrainer", output_dir: str | os.PathLike) -> str | None:
+def save_trajectory(trainer: ZOTrainer, output_dir: str | os.PathLike) -> str | None:
     """Write ``<output_dir>/zo_trajectory.json`` atomically (main process only); returns its path."""
     if not trainer.is_zo or not trainer.args.should_save or trainer.optimizer is None:
         return None
@@ -213,14 +212,11 @@ def load_trajectory(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_method(payload: dict[str, Any]) -> ZOMethod:
-    args = {name: _from_json_float(value) for name, value in payload.get("method_args", {}).items()}
-    args.setdefault("zo_sparsity", payload.get("sparsity"))
-    for name in _METHOD_ARGS:
-        args.setdefault(name, None)
-    args["weight_decay"] = args["weight_decay"] or 0.0
-    args["zo_train_unquantized"] = bool(args["zo_train_unquantized"])
-    args.update(zo_eps=payload.get("eps"), zo_num_perturbations=payload.get("num_perturbations"), seed=payload.get("seed"))
-    return get_method(payload["method"])(SimpleNamespace(**args))
+    """The method that trained, with the settings the trajectory recorded (older files: sparsity only)."""
+    method_class = get_method(payload["method"])
+    recorded = {name: _from_json_float(value) for name, value in (payload.get("method_args") or {}).items()}
+    recorded.setdefault("zo_sparsity", payload.get("sparsity"))
+    return method_class(method_class.config_class.from_training_args(recorded))
 
 
 @torch.no_grad()
@@ -285,88 +281,3 @@ def replay(
     finally:
         engine.remove()
     return engine
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="zo-replay",
-        description="Rebuild ZO fine-tuned weights from the base model and a zo_trajectory.json.",
-    )
-    parser.add_argument("--trajectory", required=True, help=f"A {TRAJECTORY_NAME} file, or a folder holding one.")
-    parser.add_argument("--base", default=None, help="The base model (Hub id or folder). Default: the one recorded.")
-    parser.add_argument("--output_dir", required=True, help="Where to save_pretrained the replayed model.")
-    parser.add_argument("--steps", type=int, default=None, help="Replay only up to this global step.")
-    parser.add_argument("--device", default=None, help="Default: the device type that trained, if available.")
-    parser.add_argument(
-        "--quantization", default=None, choices=["nf4"],
-        help="qzo: load the base in 4 bit. Default: as recorded in the trajectory (GPTQ bases are recognised "
-        "by their config).",
-    )
-    parser.add_argument("--recompute_thresholds", action="store_true", help="Sparse: recompute from the base weights.")
-    parser.add_argument("--no_verify", action="store_true", help="Skip the base/final weight fingerprint checks.")
-    from .cli_errors import usage_errors_in_one_line
-
-    usage_errors_in_one_line(parser, "zo-replay")
-    return parser.parse_args(argv)
-
-
-def run(argv: Sequence[str] | None = None) -> str:
-    """The whole zo-replay program from Python: returns the output folder; raises on bad input."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    args = parse_args(argv)
-    payload = load_trajectory(args.trajectory)
-    base = args.base or payload.get("base_model")
-    if not base:
-        raise TrajectoryError("The trajectory records no base model: pass --base.")
-    recorded = payload.get("quantization")
-    quantization = args.quantization
-    if recorded == "nf4" and quantization is None:
-        quantization = "nf4"  # Trained on a base quantized to NF4 on load: replay on the same.
-    elif quantization is not None and recorded != quantization:
-        raise TrajectoryError(
-            f"--quantization {quantization}, but the trajectory was trained with quantization {recorded!r}: "
-            "drop the flag (the recorded setting is used)."
-        )
-
-    from .train import ModelArguments, load_model
-
-    model, tokenizer = load_model(ModelArguments(model_name_or_path=base, dtype=payload.get("dtype", "float32"),
-                                                 quantization=quantization))
-    if recorded == "gptq":
-        from .quant import get_backend
-
-        found = get_backend(model)
-        if found is None or found.name != "gptq":
-            raise TrajectoryError(f"The trajectory trained a GPTQ model, but --base {base} is not a GPTQ checkpoint.")
-    device = args.device or payload.get("device", "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        logger.warning("Trained on cuda, replaying on cpu: the weights will differ (different noise generator).")
-        device = "cpu"
-    if not getattr(model, "hf_device_map", None):
-        model.to(device)
-    replay(model, payload, steps=args.steps, verify=not args.no_verify, recompute_thresholds=args.recompute_thresholds)
-
-    from .quant import get_backend, save_quantized
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    if get_backend(model) is not None:
-        save_quantized(model, args.output_dir)
-    else:
-        model.save_pretrained(args.output_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.output_dir)
-    logger.info("Saved the replayed model to %s.", args.output_dir)
-    return args.output_dir
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``zo-replay`` console script: exit status 0 on success, 2 for bad input, 1 for a failed write."""
-    from .cli_errors import run_console_script
-
-    return run_console_script("zo-replay", run, argv)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

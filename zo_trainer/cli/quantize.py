@@ -18,30 +18,16 @@ import pathlib
 import sys
 import time
 
-RTE_TEMPLATE = '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n'
+from ..quant.gptq import set_cpu_workers
+from ..tasks import get_task
 
 
 def _log(msg: str) -> None:
     print(f"[zo-quantize] {msg}", file=sys.stderr, flush=True)
 
 
-def _task_formatter(task: str):
-    try:
-        from .tasks import get_task  # written by another module; optional
-    except ImportError:
-        get_task = None
-    if get_task is not None:
-        t = get_task(task)
-        if hasattr(t, "format_prompt"):
-            return t.format_prompt
-        return lambda ex: t.template.format(**ex)
-    if task.lower() == "rte":
-        return lambda ex: RTE_TEMPLATE.format(**ex)
-    raise ValueError(f"unknown task {task!r} (zo_trainer.tasks is not available)")
-
-
 def calibration_texts(args) -> list[str]:
-    from .cli_errors import UsageError
+    from .errors import UsageError
 
     if args.calibration_file:
         lines = pathlib.Path(args.calibration_file).read_text(encoding="utf-8").splitlines()
@@ -49,7 +35,7 @@ def calibration_texts(args) -> list[str]:
     else:
         if not args.data_dir:
             raise UsageError("no calibration data: pass --data_dir (with --task) or --calibration_file")
-        fmt = _task_formatter(args.task)
+        fmt = get_task(args.task).format_prompt
         path = pathlib.Path(args.data_dir)
         if path.is_dir():
             path = path / "train.jsonl"
@@ -71,17 +57,25 @@ def calibration_texts(args) -> list[str]:
     return texts
 
 
-def quantize(model_name_or_path=None, output_dir="smol-gptq4", texts=(), bits=4, group_size=64,
-             max_length=128, batch_size=4, desc_act=False, sym=True, damp_percent=0.05):
+def quantize(
+    model_name_or_path=None,
+    output_dir="smol-gptq4",
+    texts=(),
+    bits=4,
+    group_size=64,
+    max_length=128,
+    batch_size=4,
+    desc_act=False,
+    sym=True,
+    damp_percent=0.05,
+):
     """GPTQ-quantize with gptqmodel and save to ``output_dir``; returns the output path."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
+    set_cpu_workers()
     import torch
     from transformers import AutoTokenizer
 
-    try:
-        from .models import resolve_model_path
-    except ImportError:  # pragma: no cover
-        resolve_model_path = os.fspath
+    from ..models import resolve_model_path
+
     src = resolve_model_path(model_name_or_path)
     from gptqmodel import GPTQModel, QuantizeConfig
 
@@ -90,11 +84,9 @@ def quantize(model_name_or_path=None, output_dir="smol-gptq4", texts=(), bits=4,
     for t in texts:
         ids = tok(t, truncation=True, max_length=max_length)["input_ids"]
         calib.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
-    _log(f"model {src}: {bits}-bit, group {group_size}, {len(calib)} calibration samples "
-         f"(<= {max_length} tokens)")
+    _log(f"model {src}: {bits}-bit, group {group_size}, {len(calib)} calibration samples (<= {max_length} tokens)")
     t0 = time.time()
-    qc = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
-                        damp_percent=damp_percent)
+    qc = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, damp_percent=damp_percent)
     model = GPTQModel.load(src, qc, dtype=torch.float32)
     _log(f"loaded in {time.time() - t0:.1f}s; quantizing (first run JIT-compiles a packing extension)")
     t1 = time.time()
@@ -108,10 +100,14 @@ def quantize(model_name_or_path=None, output_dir="smol-gptq4", texts=(), bits=4,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zo-quantize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", default=None,
-                   help="local dir or hub id (default: the embedded SmolLM2-135M-Instruct, fp32)")
+    p = argparse.ArgumentParser(
+        prog="zo-quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="local dir or hub id (default: the embedded SmolLM2-135M-Instruct, fp32)",
+    )
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group_size", type=int, default=64)
     p.add_argument("--output_dir", required=True)
@@ -128,20 +124,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None) -> str:
     """The whole zo-quantize program from Python: returns the output folder; raises on bad input."""
-    from .cli_errors import usage_errors_in_one_line
+    from .errors import usage_errors_in_one_line
 
     parser = build_parser()
     usage_errors_in_one_line(parser, "zo-quantize")
     args = parser.parse_args(argv)
     texts = calibration_texts(args)
-    return quantize(args.model_name_or_path, args.output_dir, texts, bits=args.bits,
-                    group_size=args.group_size, max_length=args.max_length, batch_size=args.batch_size,
-                    desc_act=args.desc_act, damp_percent=args.damp_percent)
+    return quantize(
+        args.model_name_or_path,
+        args.output_dir,
+        texts,
+        bits=args.bits,
+        group_size=args.group_size,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        desc_act=args.desc_act,
+        damp_percent=args.damp_percent,
+    )
 
 
 def main(argv=None) -> int:
     """The ``zo-quantize`` console script: exit status 0 on success, 2 for bad input, 1 for a failed run."""
-    from .cli_errors import run_console_script
+    from .errors import run_console_script
 
     return run_console_script("zo-quantize", run, argv)
 

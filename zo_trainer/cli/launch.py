@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == "--version":
-        from . import __version__
+        from .. import __version__
 
         print(f"zo-run (zo_trainer {__version__})")
         return 0
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"zo-run: error: script {target!r} not found", file=sys.stderr)
             return 2
 
-    from .patch import enable
+    from ..patch import enable
 
     enable()
     if as_module:

@@ -14,7 +14,8 @@ import os
 import re
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 DEBUG_ENV = "ZO_TRAINER_DEBUG"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -46,7 +47,7 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
 
 def _runtime_error_types() -> tuple[type[BaseException], ...]:
     """Failures during a run that are explained by their message (no traceback needed)."""
-    from .optim import NonFiniteLossError
+    from ..optim import NonFiniteLossError
 
     return (NonFiniteLossError, RunFailure, OSError)
 

@@ -1261,7 +1261,7 @@ SUITES = ("speed", "memory", "accuracy", "growth")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zo-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=[*SUITES, "all", "report", "study", "memory-worker"])
+    p.add_argument("suite", choices=[*SUITES, "all", "report", "study", "scale", "memory-worker"])
     p.add_argument("--quick", action="store_true", help="tiny random model, CI-sized (< 60 s for all suites)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG files")
     p.add_argument("--data_dir", default=os.environ.get("ZO_BENCH_RTE", RTE_DIR_DEFAULT), help="RTE jsonl folder")
@@ -1294,6 +1294,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     from .cli.errors import usage_errors_in_one_line
 
+    raw_argv = sys.argv[1:] if argv is None else list(argv)
+    if raw_argv[:1] == ["scale"]:  # real model shapes, own flags: zo_trainer/bench_scale.py
+        from .bench_scale import build_parser as scale_parser, main_scale
+
+        scale_args = scale_parser()
+        usage_errors_in_one_line(scale_args, "zo-bench scale")
+        return main_scale(raw_argv[1:], parser=scale_args)
     parser = build_parser()
     usage_errors_in_one_line(parser, "zo-bench")
     args = parser.parse_args(argv)

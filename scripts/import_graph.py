@@ -1,9 +1,11 @@
-"""Print which ``zo_trainer`` module imports which (module-level and lazy imports alike, not ``TYPE_CHECKING``
-ones), and any import cycle.
+"""Print which module of ``zo_trainer`` and ``benchmarks`` imports which (module-level and lazy imports alike, not
+``TYPE_CHECKING`` ones), any import cycle, and any library module that imports a program.
 
-    python scripts/import_graph.py [PACKAGE_DIR]      # default: zo_trainer/ beside this script's folder
+    python scripts/import_graph.py [PACKAGE_DIR ...]   # default: zo_trainer/ and benchmarks/ beside this script's folder
 
-Reads the sources with ``ast`` (nothing is imported). Exit status 1 if there is a cycle, else 0.
+The library (``zo_trainer`` outside ``zo_trainer.cli`` and the ``python -m`` shims) must never import a program
+(``zo_trainer.cli``) or the benchmarks. Reads the sources with ``ast`` (nothing is imported). Exit status 1 if
+there is a cycle or such an import, else 0.
 """
 
 from __future__ import annotations
@@ -89,19 +91,45 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+# Programs: zo_trainer.cli and the `python -m zo_trainer.train / .run` shims over it (README); and the benchmarks.
+PROGRAMS = ("zo_trainer.cli", "benchmarks")
+PROGRAM_SHIMS = {"zo_trainer.train", "zo_trainer.run"}
+
+
+def is_under(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def library_imports_of_programs(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(library module, program module) pairs: what the library must never import."""
+    return [
+        (name, target)
+        for name in sorted(graph)
+        if is_under(name, "zo_trainer") and not is_under(name, "zo_trainer.cli") and name not in PROGRAM_SHIMS
+        for target in sorted(graph[name])
+        if any(is_under(target, program) for program in PROGRAMS)
+    ]
+
+
 def main(argv: list[str]) -> int:
-    root = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / "zo_trainer"
-    files = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
+    here = Path(__file__).resolve().parents[1]
+    roots = [Path(a) for a in argv] or [here / "zo_trainer", here / "benchmarks"]
+    files = {module_name(p, root): p for root in roots for p in sorted(root.rglob("*.py"))}
     modules = set(files)
-    # The package __init__ re-exports; counting "zo_trainer" as a target would make every module a cycle with it.
-    graph = {name: imports_of(path, name, modules) - {root.name} for name, path in files.items()}
+    # A package __init__ re-exports; counting "zo_trainer" as a target would make every module a cycle with it.
+    packages = {root.name for root in roots}
+    graph = {name: imports_of(path, name, modules) - packages for name, path in files.items()}
     for name in sorted(graph):
         print(f"{name} -> {', '.join(sorted(graph[name])) or '-'}")
-    found = cycles({k: v for k, v in graph.items() if k != root.name})
+    found = cycles({k: v for k, v in graph.items() if k not in packages})
     print(f"\ncycles: {len(found)}")
     for component in found:
         print("  " + " <-> ".join(component))
-    return 1 if found else 0
+    wrong = library_imports_of_programs(graph)
+    print(f"library modules importing a program (zo_trainer.cli, benchmarks): {len(wrong)}")
+    for name, target in wrong:
+        print(f"  {name} -> {target}")
+    return 1 if found or wrong else 0
 
 
 if __name__ == "__main__":

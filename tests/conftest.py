@@ -184,3 +184,19 @@ def nf4_model(base_dir):
     from zo_trainer.quant import load_quantized
 
     return load_quantized(base_dir, "nf4")
+
+
+def zo_bench(*args, env: dict[str, str] | None = None, cwd=None, timeout: float = 300):
+    """Run the installed ``zo-bench`` console script (one torch thread); stdout and stderr captured as text."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("zo-bench")), *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,7 +1,8 @@
-"""``zo-bench --quick``: the harness runs on a tiny random model and writes valid JSON + PNG.
+"""``zo-bench --quick``: the harness (``benchmarks/zo_bench``) runs on a tiny random model and writes valid JSON + PNG.
 
 These tests check the harness (files, keys, environment record), not the figures: on a tiny model
-the ratios mean nothing. The real runs are described in docs_snippets/results.md.
+the ratios mean nothing. The real runs are in the README's Results section. Also: the ``zo-bench`` console script
+finds the checkout's benchmarks, and says in one line where there is none.
 """
 
 from __future__ import annotations
@@ -9,24 +10,31 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-bench = pytest.importorskip("zo_trainer.bench")
+from benchmarks.zo_bench import accuracy, cli, growth, memory, study
+from benchmarks.zo_bench.common import default_rte_dir
+from conftest import zo_bench
 
-RTE = Path(os.environ.get("ZO_BENCH_RTE", bench.RTE_DIR_DEFAULT))
+RTE = Path(default_rte_dir())
 HAS_QUANT = all(importlib.util.find_spec(m) is not None for m in ("bitsandbytes", "gptqmodel", "optimum"))
 HAS_PLOT = all(importlib.util.find_spec(m) is not None for m in ("matplotlib", "psutil"))
 
-pytestmark = [
-    pytest.mark.skipif(not (RTE / "train.jsonl").exists(), reason=f"RTE data not found in {RTE} (set ZO_BENCH_RTE)"),
-    pytest.mark.skipif(not HAS_PLOT, reason="zo-bench needs matplotlib and psutil"),
-]
-NEED_QUANT = pytest.mark.skipif(not HAS_QUANT, reason="needs bitsandbytes + gptqmodel + optimum (scripts/install_quant.sh)")
+
+def needs_run(test):
+    """The suites read RTE prompts and write plots."""
+    test = pytest.mark.skipif(
+        not (RTE / "train.jsonl").exists(), reason=f"RTE data not found in {RTE} (set ZO_BENCH_RTE)"
+    )(test)
+    return pytest.mark.skipif(not HAS_PLOT, reason="zo-bench needs matplotlib and psutil")(test)
+
+
+NEED_QUANT = pytest.mark.skipif(
+    not HAS_QUANT, reason="needs bitsandbytes + gptqmodel + optimum (scripts/install_quant.sh)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +42,13 @@ def out(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bench")
 
 
+def quick_flags(out: Path, *extra: str) -> list[str]:
+    """The flags every --quick run here takes: tiny model, results in ``out``, the RTE data found above."""
+    return ["--quick", "--out", str(out), "--data_dir", str(RTE), *extra]
+
+
 def _run(suite: str, out: Path) -> dict:
-    rc = bench.main([suite, "--quick", "--out", str(out), "--data_dir", str(RTE), "--log_dir", str(out / "logs")])
+    rc = cli.main([suite, *quick_flags(out, "--log_dir", str(out / "logs"))])
     assert rc == 0
     path = out / f"{suite}_quick.json"
     assert path.exists() and (out / f"{suite}_quick.png").exists()
@@ -57,6 +70,7 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@needs_run
 @NEED_QUANT
 def test_speed_quick(out):
     payload = _run("speed", out)
@@ -69,27 +83,59 @@ def test_speed_quick(out):
     assert _finite(payload["reference_over_ours_mezo"])
 
 
+@needs_run
+@NEED_QUANT
+def test_qzo_step_time_through_the_trainer(tmp_path):
+    """zo-bench qzo-step-time: qzo through ZOTrainer.training_step on a GPTQ model (here the tiny one), wall and CPU."""
+    from benchmarks.zo_bench.factories import gptq_dir, tiny_model_dir
+
+    gptq = gptq_dir(True, tmp_path, tiny_model_dir(tmp_path))
+    proc = zo_bench(
+        "qzo-step-time", "--gptq_dir", gptq, "--backends", "gptq", "--steps", 1, "--batch", 2, "--max_length", 64,
+        "--threads", 1, "--data_dir", RTE,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("gptq "))[len("gptq ") :])
+    assert _finite(row["ratio_median"]) and _finite(row["ratio_cpu"]) and len(row["raw_wall"]["qzo_step"]) == 1
+
+
+@needs_run
 @NEED_QUANT
 def test_memory_quick(out):
     payload = _run("memory", out)
-    assert set(payload["results"]) == {name for name, _ in bench.MEMORY_CONFIGS}
+    assert set(payload["results"]) == {name for name, _ in memory.MEMORY_CONFIGS}
     for row in payload["results"].values():
         assert _finite(row["peak_rss_during_steps_bytes"]) and _finite(row["rss_after_load_bytes"])
-    assert set(payload["ratios"]) >= {"adamw_over_mezo", "mezo_over_inference_fp32", "mezo_fp32_over_qzo_nf4_int4",
-                                      "mezo_fp32_over_qzo_gptq_int4", "qzo_nf4_over_inference_nf4"}
+    assert set(payload["ratios"]) >= {
+        "adamw_over_mezo",
+        "mezo_over_inference_fp32",
+        "mezo_fp32_over_qzo_nf4_int4",
+        "mezo_fp32_over_qzo_gptq_int4",
+        "qzo_nf4_over_inference_nf4",
+    }
     assert all(_finite(v) for v in payload["ratios"].values())
     assert all("met" in g and "value" in g for g in payload["goals"].values())
 
 
+@needs_run
 def test_memory_worker_subprocess(tmp_path):
     """The real memory suite runs each configuration in a fresh ``memory-worker`` process."""
-    config = {"mode": "mezo", "model": "fp32", "quick": True, "batch_size": 2, "max_length": 64, "steps": 1,
-              "data_dir": str(RTE), "work": str(tmp_path)}
-    result = bench._spawn_memory_worker(config, timeout=600)
+    config = {
+        "mode": "mezo",
+        "model": "fp32",
+        "quick": True,
+        "batch_size": 2,
+        "max_length": 64,
+        "steps": 1,
+        "data_dir": str(RTE),
+        "work": str(tmp_path),
+    }
+    result = memory.spawn_memory_worker(config, timeout=600)
     assert result["peak_rss_during_steps_bytes"] >= result["rss_after_load_bytes"] * 0.5
     assert result["ru_maxrss_lifetime_bytes"] > 0 and len(result["step_seconds"]) == 1
 
 
+@needs_run
 @NEED_QUANT
 def test_accuracy_quick(out):
     payload = _run("accuracy", out)
@@ -102,6 +148,7 @@ def test_accuracy_quick(out):
     assert set(payload["zero_shot"]) == {"fp32", "nf4"}
 
 
+@needs_run
 def test_growth_quick(out):
     payload = _run("growth", out)
     assert payload["by_size"] and payload["by_batch"]
@@ -111,35 +158,48 @@ def test_growth_quick(out):
 
 
 def test_loglog_slope_and_log_parsing():
-    assert bench._loglog_slope([1, 10, 100], [2, 20, 200]) == pytest.approx(1.0)
-    assert bench._loglog_slope([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)
-    rows = bench._parse_log_lines("noise\n{'eval_loss': '0.69', 'eval_accuracy': '0.5', 'step': 3}\n{'x': 'y'}\n")
+    assert growth.loglog_slope([1, 10, 100], [2, 20, 200]) == pytest.approx(1.0)
+    assert growth.loglog_slope([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)
+    rows = accuracy.parse_log_lines("noise\n{'eval_loss': '0.69', 'eval_accuracy': '0.5', 'step': 3}\n{'x': 'y'}\n")
     assert rows[0] == {"eval_loss": 0.69, "eval_accuracy": 0.5, "step": 3.0}
 
 
-def test_cli_help():
-    proc = subprocess.run([sys.executable, "-m", "zo_trainer.bench", "--help"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "speed" in proc.stdout and "--quick" in proc.stdout
+# ----------------------------------------------------------------------------------------- the console script
+def test_zo_bench_runs_the_checkouts_benchmarks_from_any_directory(tmp_path):
+    """The installed script finds benchmarks/ beside the (editable) zo_trainer package, wherever it is started."""
+    proc = zo_bench("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for suite in ("speed", "memory", "accuracy", "growth", "study", "scale", "qzo-step-time", "report"):
+        assert suite in proc.stdout, suite
+    scale = zo_bench("scale", "--help", cwd=tmp_path)
+    assert scale.returncode == 0 and "--points" in scale.stdout
+
+
+def test_zo_bench_without_a_checkout_says_so_in_one_line(tmp_path):
+    """Installed from a wheel there is no benchmarks/: exit 2 and one line saying where zo-bench runs from."""
+    proc = zo_bench("speed", "--quick", cwd=tmp_path, env={"ZO_BENCH_CHECKOUT": str(tmp_path)}, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zo-bench: error: ") and "source checkout" in lines[0], lines
+    assert not any(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------------------- accuracy study
-def _zo_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("zo-bench")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "zo_trainer.bench"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([*cmd, "study", "--data_dir", str(RTE), "--nice", "0", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def _study(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return zo_bench("study", *quick_flags(out, "--nice", "0", *args))
 
 
+@needs_run
 @pytest.mark.slow  # ~45 s: five zo-train subprocesses on a tiny random model
 def test_study_quick_end_to_end_and_resume(tmp_path):
     """zo-bench study --quick: every kind of run, one JSON each, the table and plot; a cut-short run resumes."""
     out, root = tmp_path / "results", tmp_path / "runs"
     # q_mezo first trained to 2 of its 4 steps (as if stopped at its checkpoint), then asked for again.
     short = json.dumps({"runs": [{"name": "q_mezo", "args": {"optim": "mezo", "learning_rate": 1e-4, "max_steps": 2}}]})
-    proc = _zo_bench("--quick", "--out", str(out), "--root", str(root), "--runs", "q_mezo", "--plan", short)
+    proc = _study(out, "--root", str(root), "--runs", "q_mezo", "--plan", short)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _zo_bench("--quick", "--out", str(out), "--root", str(root))
+    proc = _study(out, "--root", str(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = out / "rte_study"
     assert {p.name for p in study.iterdir() if p.is_dir()} == {"q_sparse", "q_mezo", "q_overfit", "q_reference"}
@@ -169,30 +229,39 @@ def test_study_quick_end_to_end_and_resume(tmp_path):
     assert set(ref["reference"]) == {"ours", "reference"}
     for v in ref["reference"].values():
         assert [p["step"] for p in v["eval"]] == [0, 2]
-    assert ref["reference"]["ours"]["eval"][0]["eval_loss"] == pytest.approx(ref["reference"]["reference"]["eval"][0]["eval_loss"])
+    assert ref["reference"]["ours"]["eval"][0]["eval_loss"] == pytest.approx(
+        ref["reference"]["reference"]["eval"][0]["eval_loss"]
+    )
 
-    report = _zo_bench("--report", "--out", str(out))
-    assert report.returncode == 0 and "| q_sparse | sparse_mezo |" in report.stdout and "Zero-shot test accuracy" in report.stdout
+    report = zo_bench("study", "--report", "--out", str(out))
+    assert (
+        report.returncode == 0
+        and "| q_sparse | sparse_mezo |" in report.stdout
+        and "Zero-shot test accuracy" in report.stdout
+    )
 
 
 def test_study_log_parsing_resumed_run(tmp_path):
     """Steps and wall-clock of a run killed after its step-20 checkpoint and resumed later."""
-    from zo_trainer import study
-
     log = tmp_path / "r.log"
-    log.write_text("\n".join([
-        "100.0 $ zo-train --optim mezo --eval_on_start true",
-        "101.0 {'eval_loss': '0.8', 'eval_accuracy': '0.5', 'epoch': 0}",
-        "110.0 {'loss': '0.7', 'learning_rate': '1e-05', 'epoch': '0.1'}",
-        "120.0 {'loss': '0.6', 'learning_rate': '1e-05', 'epoch': '0.2'}",
-        "125.0 {'eval_loss': '0.65', 'eval_accuracy': '0.6', 'epoch': '0.2'}",
-        "130.0 {'loss': 'nan', 'learning_rate': '1e-05', 'epoch': '0.3'}",
-        "500.0 $ zo-train --optim mezo --resume_from_checkpoint out/r/checkpoint-20",
-        "510.0 {'loss': '0.5', 'learning_rate': '1e-05', 'epoch': '0.3'}",
-        "520.0 {'loss': '0.4', 'learning_rate': '1e-05', 'epoch': '0.4'}",
-        "525.0 {'eval_loss': '0.45', 'eval_accuracy': '0.7', 'epoch': '0.4'}",
-        "530.0 {'train_runtime': '30.0', 'epoch': '0.4'}",
-    ]) + "\n")
+    log.write_text(
+        "\n".join(
+            [
+                "100.0 $ zo-train --optim mezo --eval_on_start true",
+                "101.0 {'eval_loss': '0.8', 'eval_accuracy': '0.5', 'epoch': 0}",
+                "110.0 {'loss': '0.7', 'learning_rate': '1e-05', 'epoch': '0.1'}",
+                "120.0 {'loss': '0.6', 'learning_rate': '1e-05', 'epoch': '0.2'}",
+                "125.0 {'eval_loss': '0.65', 'eval_accuracy': '0.6', 'epoch': '0.2'}",
+                "130.0 {'loss': 'nan', 'learning_rate': '1e-05', 'epoch': '0.3'}",
+                "500.0 $ zo-train --optim mezo --resume_from_checkpoint out/r/checkpoint-20",
+                "510.0 {'loss': '0.5', 'learning_rate': '1e-05', 'epoch': '0.3'}",
+                "520.0 {'loss': '0.4', 'learning_rate': '1e-05', 'epoch': '0.4'}",
+                "525.0 {'eval_loss': '0.45', 'eval_accuracy': '0.7', 'epoch': '0.4'}",
+                "530.0 {'train_runtime': '30.0', 'epoch': '0.4'}",
+            ]
+        )
+        + "\n"
+    )
     (tmp_path / "r.log.pauses").write_text("512.0 517.0\n")  # stopped for 5 s between steps 30 and 40
     parsed = study.parse_log(log, logging_steps=10, eval_steps=20, max_steps=40)
     assert [(p["step"], p["loss"]) for p in parsed["train"]] == [(10, 0.7), (20, 0.6), (30, 0.5), (40, 0.4)]
@@ -203,3 +272,63 @@ def test_study_log_parsing_resumed_run(tmp_path):
     assert study._diverged([0.7, float("nan")]) and study._diverged([0.7, 2.2]) and not study._diverged([0.7, 2.0])
     lo, hi = study.bootstrap_ci([1] * 60 + [0] * 40)
     assert lo < 0.6 < hi and hi - lo == pytest.approx(0.19, abs=0.03)
+
+
+# ----------------------------------------------------------------------------------------- one training step
+@pytest.mark.parametrize("optim,extra", [("mezo", {}), ("sparse_mezo", {"zo_sparsity": 0.8})])
+def test_the_benchmarks_step_is_the_trainers_step(tmp_path, tiny_tokenizer, rte_small, optim, extra):
+    """ZOStepper (what speed / memory / growth / the study time) moves the weights exactly as ZOTrainer does."""
+    import torch
+
+    from benchmarks.zo_bench.steppers import ZOStepper
+    from conftest import make_tiny_llama, make_trainer, state
+    from zo_trainer.data import CandidateCollator
+
+    batch = CandidateCollator(tiny_tokenizer)([rte_small["train"][i] for i in range(4)])
+    settings = dict(optim=optim, learning_rate=1e-3, zo_eps=1e-3, seed=7, **extra)
+    trained, benched = make_tiny_llama(), make_tiny_llama()
+    trainer = make_trainer(tmp_path, tiny_tokenizer, rte_small, trained, **settings)
+    optimizer = trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # HF's train loop sets it, and fixes sparse_mezo's thresholds:
+    trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    stepper = ZOStepper(benched, **settings)
+    for _ in range(2):
+        trainer.training_step(trained, trainer._prepare_inputs(dict(batch)))
+        optimizer.step()
+        trainer.state.global_step += 1
+        stepper.step(dict(batch))
+    before, after, benched_state = state(make_tiny_llama()), state(trained), state(benched)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(after[k], benched_state[k]) for k in after)
+
+
+# ----------------------------------------------------------------------------------------- import structure
+def test_the_library_never_imports_the_benchmarks_or_a_program(tmp_path):
+    """scripts/import_graph.py (run by CI): no import cycle, no library module importing zo_trainer.cli or benchmarks;
+    and it does catch one (a copy of the package with a library module importing the benchmarks)."""
+    import shutil
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    script = [sys.executable, str(repo / "scripts" / "import_graph.py")]
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "cycles: 0" in proc.stdout and "importing a program (zo_trainer.cli, benchmarks): 0" in proc.stdout
+    assert "benchmarks.zo_bench.steppers -> " in proc.stdout and "zo_trainer.step" in proc.stdout
+
+    shutil.copytree(repo / "zo_trainer", tmp_path / "zo_trainer", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "benchmarks" / "zo_bench", tmp_path / "benchmarks" / "zo_bench")
+    (tmp_path / "benchmarks" / "__init__.py").write_text("")
+    engine = tmp_path / "zo_trainer" / "engine.py"
+    engine.write_text(engine.read_text() + "\n\ndef _timing():\n    from benchmarks.zo_bench import speed  # noqa\n")
+    bad = subprocess.run(
+        [*script, str(tmp_path / "zo_trainer"), str(tmp_path / "benchmarks")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1
+    assert (
+        "importing a program (zo_trainer.cli, benchmarks): 1\n  zo_trainer.engine -> benchmarks.zo_bench.speed"
+        in bad.stdout
+    )

@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-bench_scale = pytest.importorskip("zo_trainer.bench_scale")
+from benchmarks.zo_bench import scale as bench_scale
+from conftest import zo_bench
 
 HAS_DEPS = all(importlib.util.find_spec(m) is not None for m in ("bitsandbytes", "matplotlib", "psutil"))
 NEED_DEPS = pytest.mark.skipif(not HAS_DEPS, reason="needs bitsandbytes, matplotlib and psutil")
-
-
-def _zo_bench() -> list[str]:
-    script = Path(sys.executable).with_name("zo-bench")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "zo_trainer.bench"]
 
 
 def test_shapes_have_the_public_parameter_counts():
@@ -56,21 +48,7 @@ def test_nf4_build_never_holds_full_precision_projections():
 @NEED_DEPS
 def test_quick_scale_through_the_console_script(tmp_path):
     out = tmp_path / "results"
-    cmd = [
-        *_zo_bench(),
-        "scale",
-        "--quick",
-        "--points",
-        "inference_nf4,qzo_nf4",
-        "--out",
-        str(out),
-        "--threads",
-        "1",
-        "--nice",
-        "0",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = zo_bench("scale", "--quick", "--points", "inference_nf4,qzo_nf4", "--out", out, "--threads", 1, "--nice", 0)
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((out / "scale_quick.json").read_text())
     assert payload["suite"] == "scale" and payload["environment"]["git"] and len(payload["load_average"]) == 3
@@ -88,15 +66,13 @@ def test_quick_scale_through_the_console_script(tmp_path):
 
 
 def test_unknown_size_is_one_usage_line(tmp_path):
-    proc = subprocess.run(
-        [*_zo_bench(), "scale", "--sizes", "99b", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
-    )
+    proc = zo_bench("scale", "--sizes", "99b", "--out", tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "99b" in proc.stderr and "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())
 
 
 def test_scale_is_listed_in_zo_bench_help():
-    from zo_trainer.bench import build_parser
+    from benchmarks.zo_bench.cli import build_parser
 
     assert "scale" in build_parser().format_help()

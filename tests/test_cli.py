@@ -200,7 +200,7 @@ def test_zo_replay_quantize_bench_exit_codes(tmp_path, tiny_model_dir, small_rte
     assert_ok(cli("zo-replay", "--trajectory", out, "--output_dir", tmp_path / "rebuilt"))
     rebuilt, trained = _weights(tmp_path / "rebuilt"), _weights(out)
     assert all(torch.equal(v, trained[k]) for k, v in rebuilt.items())
-    from zo_trainer import bench
+    from benchmarks.zo_bench import cli as bench
     from zo_trainer.cli import quantize, replay
 
     assert_one_line_error(

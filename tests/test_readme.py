@@ -50,7 +50,7 @@ MODULES = {
     "zo_trainer.train": "zo-train",
     "zo_trainer.quantize": "zo-quantize",
     "zo_trainer.replay": "zo-replay",
-    "zo_trainer.bench": "zo-bench",
+    "benchmarks.zo_bench": "zo-bench",
     "zo_trainer.run": "zo-run",
     "zo_trainer.launch": "zo-run",
 }
@@ -324,7 +324,7 @@ def run_command(command: Command, work: Path, model: Path) -> None:
     args = shrunk(command, work, model)
     where = f"README.md line {command.line}: {command.program} {shlex.join(command.args)}"
     if command.program == "zo-bench" and args and args[0] in BENCH_SUITES_NOT_RUN:
-        from zo_trainer.bench import build_parser
+        from benchmarks.zo_bench.cli import build_parser
 
         parsed = build_parser().parse_args(args)  # A wrong flag or suite fails here (SystemExit).
         if parsed.plan:

@@ -8,7 +8,7 @@ the model never exists in full precision. Memory and time do not depend on the v
 Random NF4 codes stand in for quantized Gaussians by default (``--nf4_init quantize`` runs bitsandbytes'
 ``quantize_4bit`` on a random weight per layer instead: same tensors, ~90 s per billion parameters on 2 cores).
 
-Each point (shape x weights x mode) runs in a fresh process (``python -m zo_trainer.bench_scale worker``), which
+Each point (shape x weights x mode) runs in a fresh process (``python -m benchmarks.zo_bench.scale worker``), which
 reports the RSS after building the model, the build's peak (``VmHWM``) and the peak RSS while running ``steps``
 steps (sampled, and ``VmHWM`` at the end). Modes: ``inference`` (two no-grad forwards = the cost of one ZO step's
 forwards), ``qzo`` / ``mezo`` / ``sparse_mezo`` (``zo_trainer.step.zo_step`` + ``ZOOptimizer.step``, the calls
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -32,60 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-SCHEMA_VERSION = 1
+from .common import SCHEMA_VERSION, log_line, write_json
+from .environment import environment
+from .scale_models import SCALE_SHAPES, build_model, param_count
+from .worker import PeakSampler, malloc_trim, print_result, run_worker
 
-# Public Hugging Face configs (config.json of each model). vocab 32000 for all four.
-SCALE_SHAPES: dict[str, dict[str, int]] = {
-    # tiny: --quick only (a CI-sized model of the same family and layout).
-    "tiny": dict(
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=1024,
-    ),
-    # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
-    "1b": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-    ),
-    # openlm-research/open_llama_3b
-    "3b": dict(
-        hidden_size=3200,
-        intermediate_size=8640,
-        num_hidden_layers=26,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-    ),
-    # meta-llama/Llama-2-7b-hf
-    "7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-    ),
-    # meta-llama/Llama-2-13b-hf
-    "13b": dict(
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_hidden_layers=40,
-        num_attention_heads=40,
-        num_key_value_heads=40,
-        vocab_size=32000,
-    ),
-}
+SCALE_RESULT_PREFIX = "ZO_SCALE_RESULT"
 
-# point name -> (weights, mode)
 POINTS: dict[str, tuple[str, str]] = {
     "inference_nf4": ("nf4", "inference"),
     "qzo_nf4": ("nf4", "qzo"),
@@ -96,145 +49,6 @@ POINTS: dict[str, tuple[str, str]] = {
     "sparse_mezo_bf16": ("bf16", "sparse_mezo"),
     "adamw_bf16": ("bf16", "adamw"),
 }
-
-GPTQ_GROUP_SIZE = 64  # as zo-quantize's default in this project
-NF4_BLOCKSIZE = 64
-
-
-def llama_scale_config(shape: dict[str, int]):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        hidden_act="silu",
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        **shape,
-    )
-
-
-def param_count(shape: dict[str, int]) -> int:
-    """Parameters of the Llama model of ``shape`` (untied embeddings), from the config alone."""
-    h, i, n, v = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
-    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
-    return n * per_layer + 2 * v * h + h
-
-
-# =====================================================================================================
-# building (meta device, then one module at a time)
-# =====================================================================================================
-def _nf4_linear(linear: nn.Linear, init: str, generator: torch.Generator) -> nn.Module:
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import QuantState, get_4bit_type, quantize_4bit
-
-    out_f, in_f = linear.out_features, linear.in_features
-    layer = bnb.nn.Linear4bit(
-        in_f, out_f, bias=False, compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4", device="meta"
-    )
-    if init == "quantize":
-        weight = torch.empty(out_f, in_f).normal_(0.0, 0.02, generator=generator)
-        packed, state = quantize_4bit(weight, blocksize=NF4_BLOCKSIZE, compress_statistics=False, quant_type="nf4")
-        del weight
-    else:  # the same tensors as quantize_4bit returns, with random codes and block maxima of N(0, 0.02)
-        numel = out_f * in_f
-        packed = torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, generator=generator)
-        absmax = torch.empty(math.ceil(numel / NF4_BLOCKSIZE)).uniform_(0.04, 0.06, generator=generator)
-        state = QuantState(
-            absmax=absmax,
-            shape=torch.Size([out_f, in_f]),
-            code=get_4bit_type("nf4", device="cpu"),
-            blocksize=NF4_BLOCKSIZE,
-            quant_type="nf4",
-            dtype=torch.float32,
-        )
-    layer.weight = bnb.nn.Params4bit(
-        packed,
-        requires_grad=False,
-        quant_state=state,
-        blocksize=NF4_BLOCKSIZE,
-        compress_statistics=False,
-        quant_type="nf4",
-        module=layer,
-        bnb_quantized=True,
-    )
-    layer.quant_state = state
-    return layer
-
-
-def _gptq_linear(linear: nn.Linear, generator: torch.Generator) -> nn.Module:
-    from .quant.gptq import set_cpu_workers
-
-    set_cpu_workers()
-    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
-
-    out_f, in_f = linear.out_features, linear.in_features
-    with torch.device("cpu"):
-        layer = TorchLinear(
-            bits=4,
-            group_size=GPTQ_GROUP_SIZE,
-            sym=True,
-            desc_act=False,
-            in_features=in_f,
-            out_features=out_f,
-            bias=False,
-        )
-    low, high = -(2**31), 2**31 - 1
-    for name in ("qweight", "qzeros"):  # random packed int4 (8 per int32)
-        buffer = getattr(layer, name)
-        buffer.copy_(torch.randint(low, high, buffer.shape, dtype=torch.int32, generator=generator))
-    layer.scales = torch.empty(layer.scales.shape).uniform_(0.002, 0.004, generator=generator)  # fp32 master
-    layer.g_idx.copy_(torch.arange(in_f, dtype=torch.int32) // GPTQ_GROUP_SIZE)
-    if hasattr(layer, "post_init"):
-        layer.post_init()
-    return layer
-
-
-def build_model(shape: dict[str, int], weights: str, seed: int = 0, nf4_init: str = "random") -> nn.Module:
-    """A random Llama of ``shape``: ``weights`` = bf16 (dense) | nf4 | gptq (int4 projections, fp32 rest).
-
-    Built on the meta device; each module is then materialised on its own (an int4 projection straight into its
-    4-bit layer), so the peak while building is the model plus one projection.
-    """
-    from transformers import AutoModelForCausalLM
-
-    config = llama_scale_config(shape)
-    dtype = torch.bfloat16 if weights == "bf16" else torch.float32
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    generator = torch.Generator().manual_seed(seed)
-    lm_head = model.get_output_embeddings()
-    for name, module in list(model.named_modules()):
-        parent_name, _, child = name.rpartition(".")
-        if isinstance(module, nn.Linear) and module is not lm_head and weights in ("nf4", "gptq"):
-            layer = _nf4_linear(module, nf4_init, generator) if weights == "nf4" else _gptq_linear(module, generator)
-            setattr(model.get_submodule(parent_name), child, layer)
-            continue
-        for pname, param in list(module.named_parameters(recurse=False)):
-            if not param.is_meta:
-                continue
-            value = torch.empty(param.shape, dtype=param.dtype)
-            if "norm" in type(module).__name__.lower():
-                value.fill_(1.0)
-            else:
-                value.normal_(0.0, 0.02, generator=generator)
-            setattr(module, pname, nn.Parameter(value, requires_grad=False))
-    rotary = model.model.rotary_emb
-    with torch.device("cpu"):  # its inv_freq buffer is computed in __init__, not a parameter to initialise
-        model.model.rotary_emb = type(rotary)(config=config)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"tensors still on the meta device after building: {left[:5]}")
-    if weights in ("nf4", "gptq"):
-        from .quant import get_backend
-
-        get_backend(model).prepare(model)  # what load_quantized does: fp32 dequant path, fp32 master scales
-    model.eval()
-    return model
 
 
 # =====================================================================================================
@@ -257,8 +71,6 @@ def _reset_hwm() -> bool:
 
 
 def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
-    from .bench import _malloc_trim, _PeakSampler
-
     shape_name, weights, mode = config["shape"], config["weights"], config["mode"]
     steps, batch_size, seq_len = (
         int(config.get("steps", 1)),
@@ -270,7 +82,7 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = build_model(SCALE_SHAPES[shape_name], weights, nf4_init=config.get("nf4_init", "random"))
     build_seconds = time.perf_counter() - t0
-    _malloc_trim()
+    malloc_trim()
     build_peak = _status_bytes("VmHWM")
     rss_after_build = _status_bytes("VmRSS")
     stored_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -289,10 +101,10 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
                 loss_fn()
                 loss_fn()
     elif mode in ("qzo", "mezo", "sparse_mezo"):
-        from .engine import ZOEngine
-        from .methods import get_method
-        from .optim import ZOOptimizer
-        from .step import zo_step
+        from zo_trainer.engine import ZOEngine
+        from zo_trainer.methods import get_method
+        from zo_trainer.optim import ZOOptimizer
+        from zo_trainer.step import zo_step
 
         method = get_method(mode)({})
         for p in model.parameters():  # the methods pick the floating tensors that take part
@@ -327,11 +139,11 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
     else:
         raise ValueError(f"unknown mode {mode!r}")
-    _malloc_trim()
+    malloc_trim()
     rss_before_steps = _status_bytes("VmRSS")
     hwm_reset = _reset_hwm()
     times = []
-    with _PeakSampler(interval=0.005) as sampler:
+    with PeakSampler(interval=0.005) as sampler:
         for _ in range(steps):
             t1 = time.perf_counter()
             run_step()
@@ -372,14 +184,16 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spawn(config: dict[str, Any], timeout: float, nice: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "zo_trainer.bench_scale", "worker", "--config", json.dumps(config)]
-    if nice:
-        cmd = ["nice", "-n", str(nice), *cmd]
     env = {**os.environ, "OMP_NUM_THREADS": str(config.get("threads", 2))}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("ZO_SCALE_RESULT "):
-            return json.loads(line[len("ZO_SCALE_RESULT ") :])
+    proc, result = run_worker(
+        ["benchmarks.zo_bench.scale", "worker", "--config", json.dumps(config)],
+        SCALE_RESULT_PREFIX,
+        timeout=timeout,
+        nice=nice,
+        env=env,
+    )
+    if result is not None:
+        return result
     tail = (proc.stderr or proc.stdout)[-1500:]
     raise RuntimeError(f"scale worker failed (exit {proc.returncode}, {config}):\n{tail}")
 
@@ -592,8 +406,6 @@ def run_scale(
     merge: bool,
     paired_timing: bool = False,
 ) -> dict[str, Any]:
-    from .bench import _log, environment, write_json
-
     json_path, png_path = out / f"{name}.json", out / f"{name}.png"
     payload: dict[str, Any] = {"points": {}}
     if merge and json_path.exists():
@@ -627,17 +439,17 @@ def run_scale(
                 "threads": threads,
                 "nf4_init": nf4_init,
             }
-            _log(f"scale {size}/{point} ...")
+            log_line(f"scale {size}/{point} ...")
             try:
                 row = _spawn(config, timeout, nice)
                 row["load_average_after"] = os.getloadavg()
-                _log(
+                log_line(
                     f"  build peak {row['build_peak_rss_bytes'] / 1e9:.2f} GB, step peak "
                     f"{row['step_peak_rss_bytes'] / 1e9:.2f} GB, steps {row['step_seconds']}"
                 )
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 row = {"config": config, "error": str(e)[-1500:]}
-                _log(f"  failed: {str(e)[-300:]}")
+                log_line(f"  failed: {str(e)[-300:]}")
             payload["points"][_point_key(size, point)] = row
             payload["sizes"] = sorted(
                 {k.split("/")[0] for k in payload["points"]}, key=lambda s: param_count(SCALE_SHAPES[s])
@@ -713,7 +525,7 @@ def main_scale(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
-        p = argparse.ArgumentParser(prog="zo_trainer.bench_scale worker")
+        p = argparse.ArgumentParser(prog="benchmarks.zo_bench.scale worker")
         p.add_argument("worker")
         p.add_argument("--config", required=True)
         args = p.parse_args(argv)
@@ -721,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.set_verbosity_error()
         result = scale_worker(json.loads(args.config))
-        print("ZO_SCALE_RESULT " + json.dumps(result), flush=True)
+        print_result(SCALE_RESULT_PREFIX, result)
         return 0
     if argv[:1] == ["scale"]:
         argv = argv[1:]

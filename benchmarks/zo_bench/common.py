@@ -1,0 +1,100 @@
+"""Shared helpers of the benchmark suites: where the checkout and the data are, logging, JSON files, timing
+statistics, and zo-train command lines."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# The data sit beside the checkout, as tests/conftest.py expects them; ZO_BENCH_RTE or --data_dir point elsewhere.
+RTE_DIR_DEFAULT = str(REPO_ROOT.parent / "shared" / "data" / "superglue" / "rte")
+SCHEMA_VERSION = 1
+
+
+def default_rte_dir() -> str:
+    """The RTE jsonl folder: ``$ZO_BENCH_RTE`` if set, else ``<checkout>/../shared/data/superglue/rte``."""
+    return os.environ.get("ZO_BENCH_RTE", RTE_DIR_DEFAULT)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def json_default(obj):
+    if isinstance(obj, (Path,)):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj)}")
+
+
+def progress(iterable=None, total=None, desc=None, disable=False):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, file=sys.stderr)
+
+
+def log_line(msg: str) -> None:
+    print(f"[zo-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def dict_line(text: str) -> dict[str, float] | None:
+    """A dict line printed by HF's PrinterCallback (values may be strings) -> floats; None for any other line."""
+    text = text.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    try:
+        d = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    if not isinstance(d, dict):
+        return None
+    row = {}
+    for k, v in d.items():
+        try:
+            row[k] = float(v)
+        except (TypeError, ValueError):
+            pass
+    return row
+
+
+def run_args(run: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+    """A run's zo-train arguments: ``common`` updated with the run's ``args``, unset (None) ones left out."""
+    args = dict(common)
+    args.update(run.get("args", {}))
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def to_argv(args: dict[str, Any]) -> list[str]:
+    """zo-train flags for ``args`` (booleans as true / false)."""
+    argv: list[str] = []
+    for k, v in args.items():
+        argv += [f"--{k}", ("true" if v else "false") if isinstance(v, bool) else str(v)]
+    return argv

@@ -1,0 +1,146 @@
+"""``zo-bench report``: markdown tables (for the README's Results section) from the result JSONs, PNGs redrawn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .plots import fmt, plot_accuracy, plot_bars, plot_growth, plot_memory
+
+
+def mib(b) -> str:
+    return "n/a" if b is None else f"{b / 2**20:,.0f}"
+
+
+def replot(out: Path) -> None:
+    """Redraw the PNGs from the JSON files (e.g. after a speed run cut short between rounds)."""
+    for name, draw in (
+        (
+            "speed",
+            lambda d, png: plot_bars(
+                png,
+                {k: v["ratio_step_over_two_forwards"] for k, v in d["results"].items()},
+                "ZO step time / two plain forwards (same model, same batch)",
+                goal=1.15,
+            ),
+        ),
+        ("memory", lambda d, png: plot_memory(png, d["results"])),
+        ("accuracy", lambda d, png: plot_accuracy(png, d)),
+        ("growth", lambda d, png: plot_growth(png, d)),
+    ):
+        f = out / f"{name}.json"
+        if f.exists():
+            draw(json.loads(f.read_text()), out / f"{name}.png")
+
+
+def report(out: Path) -> str:
+    """Markdown tables of whatever result files ``out`` holds (for the README's Results section)."""
+    lines: list[str] = []
+
+    def load(name):
+        f = out / name
+        return json.loads(f.read_text()) if f.exists() else None
+
+    for name in ("speed.json", "memory.json", "accuracy.json", "growth.json"):
+        d = load(name)
+        if d is None:
+            continue
+        m, g = d["environment"]["machine"], d["environment"]["git"]
+        lines.append(
+            f"<!-- {name}: {d['environment']['timestamp_utc']}, commit {g.get('commit')} "
+            f"(dirty {g.get('dirty')}), {m['cpu_model']}, {m['torch_num_threads']} torch threads -->"
+        )
+    speed = load("speed.json")
+    if speed:
+        st = speed["setup"]
+        lines += [
+            "",
+            f"Speed (batch {st['batch_rows']} x {st['batch_tokens']} tokens, {st['repeats']} interleaved rounds, median):",
+            "",
+            "| configuration | model | ZO step / two plain forwards | median of per-round ratios | goal |",
+            "|---|---|---|---|---|",
+        ]
+        for k, v in speed["results"].items():
+            goal = "<= 1.15" if k != "mezo_reference_inplace" else "(baseline)"
+            lines.append(
+                f"| {k} | {v['model']} | {v['ratio_step_over_two_forwards']:.3f} | {v['ratio_median_of_rounds']:.3f} | {goal} |"
+            )
+        if "reference_over_ours_mezo" in speed:
+            lines.append(f"\nReference in-place MeZO step / our MeZO step: {speed['reference_over_ours_mezo']:.2f}x")
+    mem = load("memory.json")
+    if mem:
+        st = mem["setup"]
+        lines += [
+            "",
+            f"Memory (batch {st['batch_size']}, max_length {st['max_length']}, {st['steps_per_process']} steps per fresh process):",
+            "",
+            "| configuration | RSS after load (MiB) | peak RSS during steps (MiB) | peak - after load (MiB) | ru_maxrss incl. load (MiB) |",
+            "|---|---|---|---|---|",
+        ]
+        for k, v in mem["results"].items():
+            lines.append(
+                f"| {k} | {mib(v['rss_after_load_bytes'])} | {mib(v['peak_rss_during_steps_bytes'])} | "
+                f"{mib(v['peak_above_after_load_bytes'])} | {mib(v['ru_maxrss_lifetime_bytes'])} |"
+            )
+        lines += ["", "| ratio (absolute peak RSS) | value | goal | met |", "|---|---|---|---|"]
+        for k, v in mem["goals"].items():
+            lines.append(f"| {k} | {v['value']:.2f} | {v['goal']} | {'yes' if v['met'] else 'no'} |")
+        for k, v in mem.get("ratios_above_after_load", {}).items():
+            lines.append(f"| {k} (increments above after-load RSS, not absolute) | {v:.2f} | | |")
+    acc = load("accuracy.json")
+    for extra in sorted(out.glob("accuracy_*.json")):
+        if "quick" in extra.name:
+            continue
+        more = json.loads(extra.read_text())
+        if acc is None:
+            acc = more
+        else:
+            acc = dict(acc, runs={**acc["runs"], **{f"{k} ({extra.stem})": v for k, v in more["runs"].items()}})
+    if acc:
+        lines += [
+            "",
+            "Accuracy (RTE):",
+            "",
+            "| run | lr | steps | status | dev acc curve (step: acc) | test acc | zero-shot test acc |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for k, v in acc["runs"].items():
+            curve = ", ".join(f"{s}: {a:.3f}" for s, a in v["dev_accuracy_curve"])
+            ta = "n/a" if v.get("test_accuracy") is None else f"{v['test_accuracy']:.3f}"
+            zs = "" if v.get("zero_shot_test_accuracy") is None else f"{v['zero_shot_test_accuracy']:.3f}"
+            done = v.get("steps_completed")
+            steps = (
+                v["args"]["max_steps"]
+                if done in (None, v["args"]["max_steps"])
+                else f"{done} of {v['args']['max_steps']}"
+            )
+            lines.append(f"| {k} | {v['args']['learning_rate']:g} | {steps} | {v['status']} | {curve} | {ta} | {zs} |")
+        lines += ["", "| sweep (mezo) lr | eps | steps | dev loss | dev acc | status |", "|---|---|---|---|---|---|"]
+        for s_ in acc["sweep"]:
+            dl = "n/a" if s_["dev_loss"] is None else f"{s_['dev_loss']:.4f}"
+            da = "n/a" if s_["dev_accuracy"] is None else f"{s_['dev_accuracy']:.3f}"
+            lines.append(
+                f"| {s_['learning_rate']:g} | {s_['zo_eps']:g} | {s_['steps']} | {dl} | {da} | {s_['status']} |"
+            )
+    if (out / "rte_study").is_dir():
+        from .study_report import study_report
+
+        lines += ["", "Accuracy study (RTE, `zo-bench study`):", "", study_report(out / "rte_study")]
+    gr = load("growth.json")
+    if gr:
+        lines += [
+            "",
+            "Growth:",
+            "",
+            "| model | params | batch | tokens | mezo step (s) | two forwards (s) | ratio | mezo peak RSS (MiB) | inference peak RSS (MiB) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for v in list(gr["by_size"].values()) + list(gr["by_batch"].values()):
+            lines.append(
+                f"| {v['model']} | {v['param_count'] / 1e6:.1f}M | {v['batch_size']} | {v['batch_tokens']} | "
+                f"{v['step_seconds_median']:.2f} | {v['two_forwards_seconds_median']:.2f} | {v['ratio']:.3f} | "
+                f"{mib(v.get('mezo_peak_rss_bytes'))} | {mib(v.get('inference_peak_rss_bytes'))} |"
+            )
+        lines.append("")
+        lines.append("log-log slopes: " + ", ".join(f"{k} {fmt(v)}" for k, v in gr["loglog_slopes"].items()))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,257 @@
+"""Speed suite: ZO step time / two plain forwards of the same model on the same batch (``zo-bench speed``), and the
+same ratio through ``ZOTrainer.training_step`` itself on SmolLM2 in int4 (``zo-bench qzo-step-time``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .common import SCHEMA_VERSION, default_rte_dir, log_line, median, progress, timed, write_json
+from .environment import environment
+from .factories import bench_tokenizer, load_bench_model, rte_batch
+from .plots import plot_bars
+from .steppers import MeZOReferenceBaseline, ZOStepper, plain_forwards
+
+
+def run_speed(
+    out: Path,
+    quick: bool,
+    data_dir: str | None,
+    repeats: int | None = None,
+    batch_size: int | None = None,
+    max_length: int = 128,
+    kinds: tuple[str, ...] = ("fp32", "gptq", "nf4"),
+    plot: bool = True,
+) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="zo_bench_"))
+    repeats = repeats or (2 if quick else 4)
+    batch_size = batch_size or (2 if quick else 16)
+    env = environment()
+    tok = bench_tokenizer()
+    batch = rte_batch(tok, batch_size, max_length, data_dir)
+    log_line(f"speed: batch {tuple(batch['input_ids'].shape)} (rows x tokens), {repeats} interleaved rounds + warm-up")
+
+    models = {kind: load_bench_model(kind, quick, work) for kind in kinds}
+    # config name -> (model kind, callable doing one step)
+    configs: dict[str, tuple[str, Callable[[], Any]]] = {}
+    if "fp32" in models:
+        m = models["fp32"]
+        configs["mezo"] = ("fp32", ZOStepper(m, "mezo").step)
+        configs["sparse_mezo"] = ("fp32", ZOStepper(m, "sparse_mezo", zo_sparsity=0.8).step)
+        configs["mezo_reference_inplace"] = ("fp32", MeZOReferenceBaseline(m).step)
+    if "gptq" in models:
+        configs["qzo_gptq"] = ("gptq", ZOStepper(models["gptq"], "qzo").step)
+    if "nf4" in models:
+        configs["qzo_nf4"] = ("nf4", ZOStepper(models["nf4"], "qzo").step)
+
+    # Each round times every model's floor (two plain forwards) and every configuration's step once, in a
+    # shuffled order; round 0 is the warm-up (scratch buffers, kernels) and is discarded. The JSON is
+    # rewritten after every round, so a run cut short still leaves its completed rounds.
+    floors: dict[str, list[float]] = {k: [] for k in models}
+    steps: dict[str, list[float]] = {k: [] for k in configs}
+    per_round_ratio: dict[str, list[float]] = {k: [] for k in configs}
+    items = [("floor", k) for k in models] + [("step", k) for k in configs]
+    path = out / ("speed_quick.json" if quick else "speed.json")
+    payload: dict[str, Any] = {}
+    with progress(total=(repeats + 1) * len(items), desc="speed (round 0 = warm-up)") as bar:
+        for r in range(repeats + 1):
+            order = list(items)
+            random.Random(r).shuffle(order)
+            round_floor: dict[str, float] = {}
+            round_step: dict[str, float] = {}
+            for what, name in order:
+                if what == "floor":
+                    round_floor[name] = timed(lambda name=name: plain_forwards(models[name], batch))
+                else:
+                    round_step[name] = timed(lambda name=name: configs[name][1](batch))
+                bar.update(1)
+            if r == 0:
+                continue
+            for kind, t in round_floor.items():
+                floors[kind].append(t)
+            for name, t in round_step.items():
+                steps[name].append(t)
+                per_round_ratio[name].append(t / round_floor[configs[name][0]])
+            payload = _speed_payload(
+                env, quick, batch, batch_size, max_length, repeats, models, configs, floors, steps, per_round_ratio
+            )
+            write_json(path, payload)
+    results = payload["results"]
+    if plot:
+        plot_bars(
+            out / ("speed_quick.png" if quick else "speed.png"),
+            {k: v["ratio_step_over_two_forwards"] for k, v in results.items()},
+            "ZO step time / two plain forwards (same model, same batch)",
+            goal=1.15,
+        )
+    shutil.rmtree(work, ignore_errors=True)
+    log_line(
+        f"speed -> {path}: " + ", ".join(f"{k} {v['ratio_step_over_two_forwards']:.3f}" for k, v in results.items())
+    )
+    return payload
+
+
+def _speed_payload(
+    env, quick, batch, batch_size, max_length, repeats, models, configs, floors, steps, per_round_ratio
+) -> dict:
+    results = {}
+    for name, (kind, _) in configs.items():
+        floor = median(floors[kind])
+        step = median(steps[name])
+        results[name] = {
+            "model": kind,
+            "ratio_step_over_two_forwards": step / floor,
+            "ratio_median_of_rounds": median(per_round_ratio[name]),
+            "step_seconds_median": step,
+            "two_forwards_seconds_median": floor,
+            "step_seconds_all": steps[name],
+            "two_forwards_seconds_all": floors[kind],
+            "per_round_ratios": per_round_ratio[name],
+        }
+    goals = {}
+    for name in ("mezo", "sparse_mezo", "qzo_gptq", "qzo_nf4"):
+        if name in results:
+            goals[f"{name}_ratio_le_1.15"] = {
+                "value": results[name]["ratio_step_over_two_forwards"],
+                "goal": 1.15,
+                "met": results[name]["ratio_step_over_two_forwards"] <= 1.15,
+            }
+    payload = {
+        "suite": "speed",
+        "schema_version": SCHEMA_VERSION,
+        "quick": quick,
+        "environment": env,
+        "setup": {
+            "model": "tiny random Llama" if quick else "SmolLM2-135M-Instruct (fp32 / GPTQ int4 g64 / bnb NF4)",
+            "batch_rows": int(batch["input_ids"].shape[0]),
+            "batch_tokens": int(batch["input_ids"].shape[1]),
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "repeats": repeats,
+            "rounds_completed": len(next(iter(floors.values()))),
+            "floor": "two plain no-grad forward passes (candidate_loss) of the same model on the same batch",
+            "step": "ZOEngine perturbed(+eps) forward, perturbed(-eps) forward, ZOOptimizer.accumulate + step "
+            "(the calls ZOTrainer.training_step and HF's loop make)",
+            "reference": "MeZO's zo_step/zo_update: 4 passes over weights, torch.manual_seed + torch.normal per parameter",
+            "statistic": "median step time / median floor time over the timed rounds; each round runs every floor and "
+            "step once in a shuffled order; round 0 (warm-up) discarded",
+            "param_counts": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+        },
+        "results": results,
+        "goals": goals,
+    }
+    if "mezo_reference_inplace" in results and "mezo" in results:
+        payload["reference_over_ours_mezo"] = (
+            results["mezo_reference_inplace"]["step_seconds_median"] / results["mezo"]["step_seconds_median"]
+        )
+    return payload
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# qzo through ZOTrainer.training_step (formerly benchmarks/qzo_step_time.py): CPU time as well as wall time
+# ----------------------------------------------------------------------------------------------------------------------
+def trainer_step_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zo-bench qzo-step-time",
+        description=(
+            "QZO step time vs two plain forward passes of the same int4 model (SmolLM2-135M, RTE, CPU). A step is "
+            "ZOTrainer.training_step (forwards at +eps z and -eps z on the scales, under the engine's hooks) plus "
+            "ZOOptimizer.step(); the reference is candidate_loss twice on the same batch, same model, no hooks. Both "
+            "are timed interleaved after one warm-up of each; process CPU time is reported beside wall time."
+        ),
+    )
+    p.add_argument("--gptq_dir", required=True, help="a GPTQ group-64 checkpoint of SmolLM2 (zo-quantize)")
+    p.add_argument("--data_dir", default=default_rte_dir())
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--backends", default="gptq,nf4")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    return p
+
+
+def main_trainer_step(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """``zo-bench qzo-step-time``: prints one JSON line per back-end, then a summary."""
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    a = (parser or trainer_step_parser()).parse_args(argv)
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    from transformers import AutoTokenizer
+
+    from zo_trainer import ZOTrainer, ZOTrainingArguments
+    from zo_trainer.data import CandidateCollator, candidate_loss, load_task_splits, prepare_dataset
+    from zo_trainer.models import ensure_default_model, ensure_pad_token
+    from zo_trainer.quant import load_quantized
+    from zo_trainer.tasks import get_task
+
+    base = str(ensure_default_model())
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(base))
+    tokenizer.padding_side = "left"
+    task = get_task("rte")
+    splits = load_task_splits(task, a.data_dir, num_train=a.batch, num_dev=4, num_eval=4, data_seed=0)
+    train = prepare_dataset(tokenizer, task, splits["train"], a.max_length)
+    batch = CandidateCollator(tokenizer)([train[i] for i in range(a.batch)])
+    print(
+        f"batch {tuple(batch['input_ids'].shape)} (rows x tokens), torch threads {torch.get_num_threads()}", flush=True
+    )
+
+    results = {}
+    for kind in a.backends.split(","):
+        model = load_quantized(a.gptq_dir if kind == "gptq" else base, kind)
+        args = ZOTrainingArguments(
+            output_dir=tempfile.gettempdir(), optim="qzo", learning_rate=1e-6, report_to="none", disable_tqdm=True
+        )
+        trainer = ZOTrainer(
+            model=model, args=args, processing_class=tokenizer, data_collator=CandidateCollator(tokenizer)
+        )
+        optimizer = trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1  # set by HF's train loop otherwise
+        inputs = trainer._prepare_inputs(dict(batch))
+
+        def qzo_step(trainer=trainer, model=model, inputs=inputs, optimizer=optimizer):
+            trainer.training_step(model, inputs)
+            optimizer.step()
+            trainer.state.global_step += 1
+
+        def two_forwards(model=model, inputs=inputs):
+            model.eval()
+            with torch.no_grad():
+                candidate_loss(model, inputs)
+                candidate_loss(model, inputs)
+
+        times: dict[str, list[float]] = {"qzo_step": [], "two_forwards": []}
+        cpu: dict[str, list[float]] = {"qzo_step": [], "two_forwards": []}  # process CPU s: robust to other load
+        qzo_step(), two_forwards()  # warm-up
+        for _ in range(a.steps):
+            for name, fn in (("qzo_step", qzo_step), ("two_forwards", two_forwards)):
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+        q, f = statistics.mean(times["qzo_step"]), statistics.mean(times["two_forwards"])
+        qm, fm = statistics.median(times["qzo_step"]), statistics.median(times["two_forwards"])
+        qc, fc = statistics.mean(cpu["qzo_step"]), statistics.mean(cpu["two_forwards"])
+        results[kind] = {
+            "qzo_step_mean_s": q, "two_forwards_mean_s": f, "ratio_mean": q / f,
+            "qzo_step_median_s": qm, "two_forwards_median_s": fm, "ratio_median": qm / fm,
+            "qzo_step_cpu_mean_s": qc, "two_forwards_cpu_mean_s": fc, "ratio_cpu": qc / fc,
+            "raw_wall": times, "raw_cpu": cpu, "threads": torch.get_num_threads(), "loadavg_after": os.getloadavg(),
+        }  # fmt: skip
+        print(kind, json.dumps(results[kind]), flush=True)
+        trainer.zo_engine.remove()
+        del trainer, model, optimizer
+    summary = {k: {kk: v for kk, v in r.items() if not kk.startswith("raw")} for k, r in results.items()}
+    print(json.dumps(summary, indent=1))
+    return 0

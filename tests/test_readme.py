@@ -24,6 +24,24 @@ How the README's commands are run (conventions for whoever edits the README):
 Outcomes checked: exit status 0; after training, ``trainer_state.json`` has ``global_step == 2``, the saved model loads
 (``from_pretrained``; ``zo_trainer.quant.load_quantized`` for int4) and, where it trained the weights, differs from
 the tiny base; ``zo-replay`` rebuilds the trained weights bit for bit; ``zo-quantize`` writes a GPTQ checkpoint.
+A LoRA run (``--use_peft``) writes a PEFT adapter instead of a model: ``adapter_config.json`` and adapter weights
+holding only ``lora_A`` / ``lora_B`` tensors, which ``PeftModel.from_pretrained`` loads, unchanged, onto the base the
+command trained; every ``lora_B`` has moved from PEFT's zeros; ``zo-replay`` rebuilds the adapter bit for bit.
+
+How the README's ```python blocks are run:
+
+* Each block runs on its own in a fresh interpreter (the test's ``python``), as ``__main__``, in its own folder beside
+  which ``../shared/data/superglue/rte`` is the small RTE copy; tracebacks name the README's own line numbers.
+* Shrunk by the textual substitutions of ``PYTHON_SUBSTITUTIONS`` (the embedded model -> the tiny test model,
+  ``max_steps`` -> 2, ``num_train`` / ``num_dev`` / ``num_eval`` -> 8 / 4 / 8), nothing else.
+* ``<!-- readme-test: fragment -->`` on the line right before a ```python fence marks a fragment that uses names a
+  notebook would already hold: ``FRAGMENT_PREAMBLE`` defines them (``model``, ``tokenizer``, ``train``, ``dev``,
+  ``collator``: the tiny model and the small RTE copy). An unmarked block must run as it is.
+* A block with ``...`` in its code (not in a comment or a string) is a sketch: not run. ``readme-test: skip`` as above.
+* Outcomes checked (``POSTAMBLE``, run after the block in its namespace): exit status 0; a ``trainer`` it made has
+  ``global_step == 2``; a block that trains (``.train()``) leaves ``model`` with weights that differ from the tiny
+  base; a task it registers loads from the RTE copy and is evaluated by ``ZOTrainer``; a ``print(...)  # {'key': ...}``
+  line prints those keys with numbers.
 """
 
 from __future__ import annotations
@@ -114,20 +132,29 @@ class Command:
         return f"L{self.line}-{self.program}-" + "_".join(a for a in self.args[:2] if not a.startswith("<"))[:40]
 
 
-def bash_blocks(text: str) -> list[tuple[int, str, str | None]]:
-    """(first line number, body, skip reason) of every ```bash block."""
+def fenced_blocks(text: str, language: str) -> list[tuple[int, str, str]]:
+    """(first line number, body, the non-blank line before the fence) of every ```<language> block."""
     blocks, lines, index = [], text.splitlines(), 0
     while index < len(lines):
-        if lines[index].strip() == "```bash":
+        if lines[index].strip() == "```" + language:
             previous = next((lines[j] for j in range(index - 1, -1, -1) if lines[j].strip()), "")
-            mark = SKIP_MARK.search(previous)
             end = index + 1
             while end < len(lines) and lines[end].strip() != "```":
                 end += 1
-            blocks.append((index + 2, "\n".join(lines[index + 1 : end]), mark.group(1) if mark else None))
+            blocks.append((index + 2, "\n".join(lines[index + 1 : end]), previous))
             index = end
         index += 1
     return blocks
+
+
+def _skip_reason(previous: str) -> str | None:
+    mark = SKIP_MARK.search(previous)
+    return mark.group(1) if mark else None
+
+
+def bash_blocks(text: str) -> list[tuple[int, str, str | None]]:
+    """(first line number, body, skip reason) of every ```bash block."""
+    return [(line, body, _skip_reason(previous)) for line, body, previous in fenced_blocks(text, "bash")]
 
 
 def split_commands(body: str, first_line: int) -> list[tuple[int, list[str]]]:
@@ -185,8 +212,12 @@ def to_command(line: int, words: list[str], skip: str | None) -> Command | None:
     return Command(line, program, args, env, skip)
 
 
+def readme_text() -> str:
+    return Path(os.environ.get("ZO_TEST_README", REPO / "README.md")).read_text(encoding="utf-8")  # Env: check a draft.
+
+
 def readme_commands() -> list[Command]:
-    text = Path(os.environ.get("ZO_TEST_README", REPO / "README.md")).read_text(encoding="utf-8")  # Env: check a draft.
+    text = readme_text()
     found = []
     for first_line, body, skip in bash_blocks(text):
         for line, words in split_commands(body, first_line):
@@ -284,13 +315,41 @@ def _run(program: str, args: list[str], work: Path, env: dict[str, str]) -> subp
     )
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
 def _state(folder: Path) -> dict:
-    return load_file(str(folder / "model.safetensors"))
+    """The saved weights: a PEFT adapter's where the folder holds one, else the model's."""
+    adapter = folder / ADAPTER_WEIGHTS
+    return load_file(str(adapter if adapter.is_file() else folder / "model.safetensors"))
+
+
+def check_adapter(output_dir: Path, base: Path) -> None:
+    """A LoRA run's output: only lora_A / lora_B tensors, which PEFT loads unchanged onto the base that trained."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    assert not (output_dir / "model.safetensors").exists(), "a LoRA run saved the whole model, not only the adapter"
+    saved = _state(output_dir)
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), sorted(saved)
+    reloaded = get_peft_model_state_dict(
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(output_dir))
+    )
+    assert sorted(reloaded) == sorted(saved), (sorted(reloaded), sorted(saved))
+    for key, value in saved.items():
+        assert torch.equal(reloaded[key], value), key
+    lora_b = [k for k in saved if ".lora_B." in k]  # PEFT starts every lora_B at zeros.
+    assert lora_b and all(saved[k].any() for k in lora_b), "lora_B did not move from its initial zeros"
 
 
 def check_trained(output_dir: Path, model: Path, args: list[str], work: Path) -> None:
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == STEPS, state["global_step"]
+    named = _value(args, "--model_name_or_path") or _config(args, work).get("model_name_or_path")
+    base = Path(named) if named and Path(named).is_absolute() else work / (named or "")
+    if (output_dir / "adapter_config.json").is_file():
+        check_adapter(output_dir, base)
+        return
     config = json.loads((output_dir / "config.json").read_text())
     quantization = (config.get("quantization_config") or {}).get("quant_method")
     if quantization is None:
@@ -301,8 +360,6 @@ def check_trained(output_dir: Path, model: Path, args: list[str], work: Path) ->
         from zo_trainer.quant import load_quantized
 
         load_quantized(str(output_dir), {"bitsandbytes": "nf4"}.get(quantization, quantization))
-    named = _value(args, "--model_name_or_path")
-    base = Path(named) if named and Path(named).is_absolute() else work / (named or "")
     if quantization is None and (base / "model.safetensors").is_file():
         before, after = _state(base), _state(output_dir)
         assert any(not torch.equal(before[k], after[k]) for k in before if k in after), "the weights did not change"
@@ -315,7 +372,8 @@ def check_replayed(args: list[str], work: Path) -> None:
     steps = _value(args, "--steps")
     payload = json.loads((source / "zo_trajectory.json").read_text())
     if steps is None or int(steps) >= payload["global_step"]:
-        replayed, trained = _state(output_dir), _state(source)
+        replayed, trained = _state(output_dir), _state(source)  # A LoRA run's: both adapters.
+        assert replayed, f"zo-replay saved no weights in {output_dir}"
         for key, value in replayed.items():
             assert torch.equal(value, trained[key]), key
 
@@ -344,7 +402,7 @@ def run_command(command: Command, work: Path, model: Path) -> None:
 
 
 COMMANDS = readme_commands()
-pytestmark = pytest.mark.slow  # ~16 console-script runs of ~5 s each: about 1.5-2 minutes on 2 shared cores.
+pytestmark = pytest.mark.slow  # ~19 console-script runs and 3 python blocks of ~5-10 s each: 2-3 minutes on 2 cores.
 
 
 def test_the_readme_has_the_commands_this_test_knows_how_to_run():
@@ -377,3 +435,182 @@ def test_config_file(config, scratch, tmp_path):
         (own / name).symlink_to(REPO / name)
     (tmp_path / "shared").symlink_to(work.parent / "shared")
     run_command(Command(0, "zo-train", [f"configs/{config}"]), own, model)
+
+
+# ----- the README's ```python blocks -----------------------------------------------------------------------------
+FRAGMENT_MARK = re.compile(r"<!--\s*readme-test:\s*fragment\s*-->")
+RTE_FROM_BLOCK = "../shared/data/superglue/rte"  # What the README's blocks name; resolves from each block's folder.
+# (pattern, replacement): the only changes made to a block's text. {model} is the tiny test model folder.
+PYTHON_SUBSTITUTIONS = [
+    (r"load_model_and_tokenizer\(None\)", "load_model_and_tokenizer({model!r})"),
+    (r"\bmax_steps=\d+", f"max_steps={STEPS}"),
+    (r"\bnum_train=\d+", "num_train=8"),
+    (r"\bnum_dev=\d+", "num_dev=4"),
+    (r"\bnum_eval=\d+", "num_eval=8"),
+]
+# What a notebook holds before a fragment's lines run: the tiny model, its tokenizer, small RTE datasets, a collator.
+FRAGMENT_PREAMBLE = f"""
+from zo_trainer.data import CandidateCollator, load_task_splits, prepare_dataset
+from zo_trainer.models import load_model_and_tokenizer
+from zo_trainer.tasks import get_task
+
+model, tokenizer = load_model_and_tokenizer(README_TEST_MODEL)
+_splits = load_task_splits(get_task("rte"), {RTE_FROM_BLOCK!r}, num_train=8, num_dev=4, num_eval=8)
+train, dev = (prepare_dataset(tokenizer, get_task("rte"), _splits[k], max_length=64) for k in ("train", "dev"))
+collator = CandidateCollator(tokenizer)
+del CandidateCollator, load_task_splits, prepare_dataset, load_model_and_tokenizer, get_task, _splits  # Only those 5.
+"""
+# Run after the block, in its namespace: the outcome checks; prints the list of what it checked.
+POSTAMBLE = f"""
+import json as _json, torch as _torch, transformers as _transformers
+import zo_trainer.tasks as _tasks
+_checked = []
+_trainer = globals().get("trainer")
+if isinstance(_trainer, _transformers.Trainer):
+    assert _trainer.state.global_step == {STEPS}, f"trainer.state.global_step == {{_trainer.state.global_step}}"
+    _checked.append("trainer.state.global_step == {STEPS}")
+if README_TEST_TRAINS:
+    _base = _transformers.AutoModelForCausalLM.from_pretrained(README_TEST_MODEL).state_dict()
+    if hasattr(model, "peft_config"):  # A PEFT model: the base stays bit-identical, every lora_B left its zeros.
+        _now = model.get_base_model().state_dict()
+        _frozen = {{k: v for k, v in _now.items() if "lora_" not in k}}
+        _names = {{k.replace("base_layer.", "") for k in _frozen}}
+        assert _names == set(_base), "a PEFT model whose base has other tensors than the tiny base"
+        assert all(_torch.equal(v, _base[k.replace("base_layer.", "")]) for k, v in _frozen.items()), "base changed"
+        _lora_b = [v for k, v in _now.items() if "lora_B" in k]
+        assert _lora_b and all(bool(v.any()) for v in _lora_b), "a lora_B tensor is still all zeros"
+        _checked.append("base weights unchanged, every lora_B trained")
+    else:
+        _now = model.state_dict()
+        assert any(not _torch.equal(_now[k], _base[k]) for k in _base if k in _now), "training left model unchanged"
+        _checked.append("model weights differ from the tiny base")
+_builtin = {{v.name for v in vars(_tasks).values() if isinstance(v, _tasks.Task)}}
+for _name in sorted(set(_tasks.TASKS) - _builtin):  # Registered by the block: it must load and be evaluated.
+    from zo_trainer import ZOTrainer as _ZOTrainer, ZOTrainingArguments as _ZOArgs
+    from zo_trainer.data import CandidateCollator as _Collator, compute_accuracy as _accuracy
+    from zo_trainer.data import load_task_splits as _splits_of, prepare_dataset as _prepare
+    from zo_trainer.models import load_model_and_tokenizer as _load
+
+    _task = _tasks.get_task(_name)
+    _model, _tokenizer = _load(README_TEST_MODEL)
+    _eval = _prepare(_tokenizer, _task, _splits_of(_task, {RTE_FROM_BLOCK!r}, 4, 4, 8)["eval"], max_length=64)
+    _args = _ZOArgs(output_dir="task-check", optim="mezo", report_to="none", per_device_eval_batch_size=8)
+    _metrics = _ZOTrainer(model=_model, args=_args, eval_dataset=_eval, processing_class=_tokenizer,
+                          data_collator=_Collator(_tokenizer), compute_metrics=_accuracy).evaluate()
+    assert 0 <= _metrics["eval_accuracy"] <= 1, _metrics
+    _checked.append(f"registered task {{_name!r}} evaluated on RTE")
+print("readme-test checked: " + _json.dumps(_checked))
+"""
+# Runs one block: its code compiled as README.md (tracebacks give README line numbers), in one __main__ namespace.
+RUNNER = """
+import json, sys
+spec = json.loads(open(sys.argv[1], encoding="utf-8").read())
+namespace = {"__name__": "__main__", "README_TEST_MODEL": spec["model"], "README_TEST_TRAINS": spec["trains"]}
+exec(compile(spec["preamble"], "<readme-test fragment preamble>", "exec"), namespace)
+exec(compile("\\n" * (spec["line"] - 1) + spec["code"], "README.md", "exec"), namespace)
+exec(compile(spec["postamble"], "<readme-test outcome checks>", "exec"), namespace)
+"""
+EXPECTED_PRINT = re.compile(r"print\(.*#\s*(\{.*\})\s*$")
+
+
+@dataclass
+class PythonBlock:
+    line: int  # Of the README (1-based), the block's first line of code.
+    code: str
+    fragment: bool = False
+    skip: str | None = None
+
+    @property
+    def id(self) -> str:
+        first = next((ln for ln in self.code.splitlines() if ln.strip() and not ln.startswith("#")), "")
+        return f"L{self.line}-python-" + "_".join(re.findall(r"\w+", first)[:3])
+
+
+def _is_sketch(code: str) -> bool:
+    """``...`` as code (an operator token), not in a comment or a string."""
+    import io
+    import tokenize
+
+    try:
+        return any(
+            t.type == tokenize.OP and t.string == "..." for t in tokenize.generate_tokens(io.StringIO(code).readline)
+        )
+    except (tokenize.TokenError, SyntaxError):
+        return False  # Let it run and fail with Python's own message.
+
+
+def readme_python_blocks() -> list[PythonBlock]:
+    found = []
+    for line, code, previous in fenced_blocks(readme_text(), "python"):
+        skip = _skip_reason(previous) or ("a sketch (its code contains ...)" if _is_sketch(code) else None)
+        found.append(PythonBlock(line, code, bool(FRAGMENT_MARK.search(previous)), skip))
+    return found
+
+
+def shrunk_code(code: str, model: Path) -> str:
+    for pattern, replacement in PYTHON_SUBSTITUTIONS:
+        code = re.sub(pattern, lambda _m, r=replacement: r.format(model=str(model)), code)
+    return code
+
+
+def run_python_block(block: PythonBlock, folder: Path, model: Path) -> subprocess.CompletedProcess:
+    code = shrunk_code(block.code, model)
+    spec = {
+        "model": str(model),
+        "trains": ".train()" in code,
+        "line": block.line,
+        "code": code,
+        "preamble": FRAGMENT_PREAMBLE if block.fragment else "",
+        "postamble": POSTAMBLE,
+    }
+    (folder / "readme_block.json").write_text(json.dumps(spec), encoding="utf-8")
+    (folder / "readme_runner.py").write_text(RUNNER, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env["HF_DATASETS_OFFLINE"] = "1"
+    return subprocess.run(
+        [sys.executable, "readme_runner.py", "readme_block.json"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def check_python_block(block: PythonBlock, result: subprocess.CompletedProcess) -> list[str]:
+    """The outcome checks (exit status, what the postamble checked, documented printed keys); what was checked."""
+    where = f"README.md line {block.line}: ```python block" + (" (a fragment)" if block.fragment else "")
+    assert result.returncode == 0, f"{where}\nexit status {result.returncode}\n{result.stderr[-6000:]}"
+    marker = re.search(r"^readme-test checked: (.*)$", result.stdout, re.MULTILINE)
+    assert marker, f"{where}: the outcome checks did not run\n{result.stdout[-3000:]}"
+    checked = json.loads(marker.group(1))
+    for line in block.code.splitlines():
+        expected = EXPECTED_PRINT.search(line)
+        if expected:  # The comment shows what the print gives: those keys, with numbers, must be printed.
+            for key in re.findall(r"['\"](\w+)['\"]\s*:", expected.group(1)):
+                assert re.search(rf"['\"]{key}['\"]\s*:\s*-?[\d.]", result.stdout), f"{where}: no {key!r} printed"
+                checked.append(f"printed {key}")
+    return checked
+
+
+PYTHON_BLOCKS = readme_python_blocks()
+
+
+def test_the_readme_has_the_python_blocks_this_test_knows_how_to_run():
+    runnable = [b for b in PYTHON_BLOCKS if not b.skip]
+    assert any("trainer.evaluate(" in b.code for b in runnable), "the notebook example is not run"
+    assert any("zo_trainer.enable()" in b.code and b.fragment for b in runnable), "the enable() fragment is not run"
+    assert any("register_task(" in b.code for b in runnable), "the register_task example is not run"
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[b.id for b in PYTHON_BLOCKS])
+def test_readme_python_block(block, scratch, tmp_path):
+    if block.skip:
+        pytest.skip(block.skip)
+    work, model = scratch
+    folder = tmp_path / "notebook"  # Its own folder: blocks write "out".
+    folder.mkdir()
+    (tmp_path / "shared").symlink_to(work.parent / "shared")
+    checked = check_python_block(block, run_python_block(block, folder, model))
+    assert checked, f"README.md line {block.line}: the block ran but no outcome of it was checked"
+    print(f"README.md line {block.line}: checked {checked}")  # Shown by pytest -rP.

@@ -8,6 +8,10 @@ engine rebinds the target to ``w + eps * z`` (a temporary built in a reusable sc
 rebinds the original tensor right after. Stored weights are never modified by a perturbation, so
 restoring is exact in every dtype (MeZO's in-place +e, -2e, +e scheme drifts in fp16/bf16), and only
 one layer-sized temporary exists at a time.
+
+z is never stored: it is drawn again from its seed for each use (+eps pass, -eps pass, update). On CPU (z scheme 2)
+it is drawn in cache-sized blocks, each used at once, so z costs one write of the perturbed copy per pass rather than
+a write and a re-read of a z buffer; the sparse mask is likewise built block by block, in the tensor's dtype.
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ class ZOEngine:
                 self._by_module.setdefault(module, []).append(target)
         self._scratch = _Scratch()
         self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
+        self.noise_scheme = self.NOISE_SCHEME  # Replay and resume set the scheme their run used.
         self.num_noise_threads = num_noise_threads or max(1, min(self.NOISE_CHUNKS, torch.get_num_threads()))
         self._executor = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -184,9 +189,15 @@ class ZOEngine:
     def noise(self, target: ZOTarget, step_seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """z ~ N(0, 1) for ``target`` at ``step_seed``; private generators, never the global RNG."""
         reference = target.get()
-        if out is None:
-            out = torch.empty_like(reference)
+        if out is None:  # Contiguous, like the scratch buffers training draws into (a strided tensor's z is the same).
+            out = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
         seed = target_seed(step_seed, target.index)
+        if self._blocked(out):
+            flat = out.view(-1)
+            self._for_each_block(
+                flat.numel(), lambda start, stop, slot: self._block_noise(seed, start, flat[start:stop], slot)
+            )
+            return out
         chunks = self._cpu_chunks(out)
         if chunks == 1:
             generator = self._generator(reference.device, 0)
@@ -218,6 +229,65 @@ class ZOEngine:
             return 1
         return self.NOISE_CHUNKS
 
+    # How z is drawn. 1: one stream per tensor (NOISE_CHUNKS streams for a large CPU tensor), drawn whole into a
+    # tensor-sized buffer before it is applied. 2 (new runs): on CPU, z of a tensor is NOISE_BLOCK-entry blocks with a
+    # stream each, drawn block by block right where it is used (perturbed copy, update) while the block is in cache;
+    # the blocks are split over the noise threads, so z does not depend on the thread count. Elsewhere (CUDA,
+    # non-contiguous tensors) both schemes draw one stream per tensor. Trajectories record the scheme (absent: 1).
+    NOISE_SCHEME = 2
+    NOISE_SCHEMES = (1, 2)
+    NOISE_BLOCK = 1 << 16
+
+    def noise_config(self) -> dict[str, int]:
+        """How this engine draws z: what a trajectory or checkpoint records so replay and resume draw the same."""
+        return {
+            "scheme": self.noise_scheme,
+            "cpu_chunks": self.NOISE_CHUNKS,
+            "cpu_chunked_min_numel": self._CHUNKED_MIN_NUMEL,
+            "block": self.NOISE_BLOCK,
+        }
+
+    def load_noise_config(self, config: dict[str, int] | None) -> None:
+        """Draw z as ``config`` (from ``noise_config``) says. Without a ``scheme`` (files written before schemes were
+        recorded) it is scheme 1; settings missing from the file keep this engine's defaults."""
+        config = config or {}
+        scheme = config.get("scheme", 1)
+        if scheme not in self.NOISE_SCHEMES:
+            raise ValueError(
+                f"z was drawn with scheme {scheme}, unknown to this zo_trainer (it knows schemes {self.NOISE_SCHEMES}): "
+                "use the zo_trainer version that wrote the file, or a newer one."
+            )
+        self.noise_scheme = scheme
+        self.NOISE_CHUNKS = config.get("cpu_chunks", self.NOISE_CHUNKS)
+        self._CHUNKED_MIN_NUMEL = config.get("cpu_chunked_min_numel", self._CHUNKED_MIN_NUMEL)
+        self.NOISE_BLOCK = config.get("block", self.NOISE_BLOCK)
+
+    def _blocked(self, tensor: torch.Tensor) -> bool:
+        return self.noise_scheme >= 2 and tensor.device.type == "cpu" and tensor.is_contiguous()
+
+    def _for_each_block(self, numel: int, fn: Callable[[int, int, int], None]) -> None:
+        """``fn(start, stop, slot)`` for each NOISE_BLOCK-sized block of a flat tensor: contiguous runs of blocks
+        go to the noise threads, ``slot`` (the run's index) picks a thread's generator."""
+        block = self.NOISE_BLOCK
+        num_blocks = -(-numel // block)
+        runs = max(1, min(self.num_noise_threads, num_blocks))
+        bounds = [num_blocks * i // runs for i in range(runs + 1)]
+
+        def work(run: int) -> None:
+            for index in range(bounds[run], bounds[run + 1]):
+                fn(index * block, min(numel, (index + 1) * block), run)
+
+        if runs == 1:
+            work(0)
+        else:
+            list(self._pool().map(work, range(runs)))
+
+    def _block_noise(self, seed: int, start: int, out: torch.Tensor, slot: int) -> torch.Tensor:
+        """z of the block that starts at flat offset ``start`` of a tensor whose stream seed is ``seed``."""
+        generator = self._generator(out.device, slot)
+        generator.manual_seed(_splitmix64(seed ^ ((start // self.NOISE_BLOCK + 1) * 0xD1B54A32D192ED03 & _MASK64)) >> 1)
+        return out.normal_(generator=generator)
+
     def _pool(self):
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -226,11 +296,15 @@ class ZOEngine:
         return self._executor
 
     def mask(self, target: ZOTarget, tensor: torch.Tensor) -> torch.Tensor | None:
-        """Sparse-MeZO's mask, rebuilt from the current values: |t| <= threshold. None means dense."""
+        """Sparse-MeZO's mask, rebuilt from the current values: 1 where |t| <= threshold, else 0. None means dense.
+
+        The mask has the tensor's dtype, built in place in one scratch buffer: with a bool mask every op that
+        mixes it with floats (``addcmul``, ``mul``) first makes a full-size float copy of it on CPU (TensorIterator
+        promotes mixed-dtype inputs by copying), and ``bool.sum()`` an int64 one (8 bytes per entry).
+        """
         if target.threshold is None:
             return None
-        magnitude = torch.abs(tensor, out=self._scratch.get(tensor, "abs"))
-        return torch.le(magnitude, target.threshold, out=self._scratch.get(tensor, "mask", torch.bool))
+        return torch.abs(tensor, out=self._scratch.get(tensor, "mask")).le_(target.threshold)
 
     def _noise_buffer(self, target: ZOTarget, like: torch.Tensor) -> torch.Tensor:
         """Scratch for z of ``target``: a tied tensor's perturbed copy lives for the whole forward, so it
@@ -241,12 +315,37 @@ class ZOEngine:
     def _perturbed_tensor(
         self, target: ZOTarget, original: torch.Tensor, step_seed: int, signed_eps: float
     ) -> torch.Tensor:
+        if self._blocked(original):
+            return self._perturbed_tensor_blocked(target, original, step_seed, signed_eps)
         mask = self.mask(target, original)
         z = self.noise(target, step_seed, out=self._noise_buffer(target, original))
         # One fused pass: original + eps * z (* mask), written over z.
         if mask is None:
             return torch.add(original, z, alpha=signed_eps, out=z)
         return torch.addcmul(original, z, mask, value=signed_eps, out=z)
+
+    def _block_mask(self, target: ZOTarget, values: torch.Tensor, slot: int) -> torch.Tensor:
+        """``mask`` of one block, in a block-sized buffer of the thread ``slot``: no tensor-sized mask is kept."""
+        return torch.abs(values, out=self._scratch.get(values, f"mask{slot}")).le_(target.threshold)
+
+    def _perturbed_tensor_blocked(
+        self, target: ZOTarget, original: torch.Tensor, step_seed: int, signed_eps: float
+    ) -> torch.Tensor:
+        """As ``_perturbed_tensor``, block by block: each block of z is drawn into the output and used at once."""
+        seed = target_seed(step_seed, target.index)
+        out = self._noise_buffer(target, original)
+        flat_out, flat_original = out.view(-1), original.view(-1)
+
+        def block(start: int, stop: int, slot: int) -> None:
+            z, values = self._block_noise(seed, start, flat_out[start:stop], slot), flat_original[start:stop]
+            if target.threshold is None:
+                torch.add(values, z, alpha=signed_eps, out=z)
+            else:
+                mask = self._block_mask(target, values, slot)
+                torch.addcmul(values, z, mask, value=signed_eps, out=z)
+
+        self._for_each_block(flat_out.numel(), block)
+        return out
 
     @contextlib.contextmanager
     def perturbed(self, step_seed: int, signed_eps: float) -> Iterator[None]:
@@ -270,9 +369,14 @@ class ZOEngine:
         masked = None  # Number of entries that took part, as a tensor: summed without a host sync.
         for target in self.targets:
             tensor = target.get()
+            if self._blocked(tensor):
+                count = self._update_blocked(target, tensor, step_seeds, coefficients, lr)
+                if count is not None:
+                    masked = count if masked is None else masked + count
+                continue
             mask = self.mask(target, tensor)
             if mask is not None:
-                count = mask.sum()
+                count = torch.count_nonzero(mask)  # Not mask.sum(): no temporary, no host sync.
                 masked = count if masked is None else masked + count
             for step_seed, coefficient in zip(step_seeds, coefficients):
                 if coefficient == 0.0:
@@ -286,8 +390,8 @@ class ZOEngine:
                 decay = -lr * target.weight_decay
                 if mask is None:
                     tensor.mul_(1.0 + decay)
-                else:
-                    tensor.add_(tensor * mask, alpha=decay)
+                else:  # tensor * mask, written into the z scratch (free by now): no full-size temporary.
+                    tensor.add_(torch.mul(tensor, mask, out=self._noise_buffer(target, tensor)), alpha=decay)
             if target.min_value is not None:
                 tensor.clamp_(min=target.min_value)
         self.num_updates += 1
@@ -295,6 +399,49 @@ class ZOEngine:
             dense = sum(t.numel for t in self.targets if t.threshold is None)
             fraction = (masked + dense) / self.total_numel
             self.mask_fraction_sum = fraction if self.mask_fraction_sum is None else self.mask_fraction_sum + fraction
+
+    def _update_blocked(
+        self,
+        target: ZOTarget,
+        tensor: torch.Tensor,
+        step_seeds: Sequence[int],
+        coefficients: Sequence[float],
+        lr: float,
+    ) -> torch.Tensor | None:
+        """``update`` of one target, block by block (same float operations per entry); returns the masked count."""
+        seeds = [target_seed(step_seed, target.index) for step_seed in step_seeds]
+        flat = tensor.view(-1)
+        flat_z = self._noise_buffer(target, tensor).view(-1)
+        counts: list[list[torch.Tensor]] = [[] for _ in range(self.num_noise_threads)]
+        decay = -lr * target.weight_decay if target.weight_decay and lr else 0.0
+
+        def block(start: int, stop: int, slot: int) -> None:
+            values, scratch = flat[start:stop], flat_z[start:stop]
+            mask = None
+            if target.threshold is not None:  # From the values before this update, as in the forward passes.
+                mask = self._block_mask(target, values, slot)
+                counts[slot].append(torch.count_nonzero(mask))
+            for seed, coefficient in zip(seeds, coefficients):
+                if coefficient == 0.0:
+                    continue
+                z = self._block_noise(seed, start, scratch, slot)
+                if mask is None:
+                    values.add_(z, alpha=-coefficient)
+                else:
+                    values.addcmul_(z, mask, value=-coefficient)
+            if decay:
+                if mask is None:
+                    values.mul_(1.0 + decay)
+                else:
+                    values.add_(torch.mul(values, mask, out=scratch), alpha=decay)
+            if target.min_value is not None:
+                values.clamp_(min=target.min_value)
+
+        self._for_each_block(flat.numel(), block)
+        if target.threshold is None:
+            return None
+        found = [count for per_slot in counts for count in per_slot]
+        return torch.stack(found).sum() if found else torch.zeros((), dtype=torch.int64, device=tensor.device)
 
     def pop_mask_fraction(self) -> float | None:
         """Mean fraction of entries updated since the last call (None when every target is dense)."""

@@ -14,12 +14,14 @@ cache and concurrent processes convert at most once.
 
 Public API:
     DEFAULT_MODEL, find_smollm2_gguf, default_cache_dir, ensure_default_model,
-    resolve_model_path, load_model_and_tokenizer
+    resolve_model_path, load_model_and_tokenizer, ModelArguments, load_model (LoRA adapters with use_peft:
+    lora_config, add_lora_adapter, lora_record)
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import importlib.metadata
 import importlib.util
 import json
@@ -51,6 +53,9 @@ __all__ = [
     "prepare_tokenizer",
     "ModelArguments",
     "load_model",
+    "lora_config",
+    "add_lora_adapter",
+    "lora_record",
 ]
 
 #: Display name / sentinel for the embedded default model.  ``resolve_model_path``
@@ -409,16 +414,139 @@ class ModelArguments:
             "choices": [None, "nf4"],
         },
     )
+    # LoRA through PEFT, under TRL's ModelConfig names and defaults (`--use_peft --lora_r 8 ...` as in TRL's scripts).
+    use_peft: bool = field(
+        default=False,
+        metadata={
+            "help": "Train LoRA adapters (PEFT) instead of the model's weights: the base stays frozen and the output "
+            "folder holds an adapter for PeftModel.from_pretrained(base, dir). Needs peft (pip install -e '.[peft]')."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --use_peft)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha: the adapter is scaled by lora_alpha / lora_r."})
+    lora_dropout: float = field(
+        default=0.05,
+        metadata={"help": "LoRA dropout. First-order --optim only: ZO steps run in eval mode, without dropout."},
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names to adapt, e.g. q_proj v_proj, or all-linear. Default: PEFT's choice for the "
+            "architecture (q_proj v_proj for Llama)."
+        },
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved beside the adapter (e.g. lm_head)."}
+    )
+    lora_task_type: str = field(
+        default="CAUSAL_LM", metadata={"help": "PEFT task type; zo-train trains causal LMs, so CAUSAL_LM."}
+    )
 
 
-def load_model(model_args: ModelArguments):
-    """(model, tokenizer): a 4-bit model through ``zo_trainer.quant`` when asked or when the checkpoint is one."""
+PEFT_INSTALL_HINT = "pip install -e '.[peft]' (or pip install peft==0.21.2)"
+
+
+def lora_config(model_args: ModelArguments):
+    """The ``peft.LoraConfig`` that ``--use_peft --lora_*`` describe (TRL's mapping, ``bias="none"``).
+
+    ImportError (one line) when peft is not installed; ValueError naming the flag for values LoRA cannot use.
+    """
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ImportError(f"--use_peft needs the peft package, which is not installed: {PEFT_INSTALL_HINT}") from None
+    if model_args.lora_r <= 0:
+        raise ValueError(f"--lora_r {model_args.lora_r}: the LoRA rank must be a positive integer (e.g. 8 or 16)")
+    if model_args.lora_alpha <= 0:
+        raise ValueError(f"--lora_alpha {model_args.lora_alpha}: must be positive (the adapter's scale is alpha / r)")
+    if not 0.0 <= model_args.lora_dropout < 1.0:
+        raise ValueError(f"--lora_dropout {model_args.lora_dropout}: must be in [0, 1)")
+    if model_args.lora_task_type != "CAUSAL_LM":
+        raise ValueError(
+            f"--lora_task_type {model_args.lora_task_type}: zo-train trains causal language models "
+            "(AutoModelForCausalLM), so only CAUSAL_LM fits"
+        )
+    targets = model_args.lora_target_modules
+    if targets is not None and [t.lower() for t in targets] == ["all-linear"]:
+        targets = "all-linear"  # PEFT's keyword is a string; as a list it would be a module name.
+    return LoraConfig(
+        task_type=model_args.lora_task_type,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=model_args.lora_modules_to_save,
+        bias="none",
+    )
+
+
+#: Attribute of a PeftModel built by :func:`add_lora_adapter`: the seed its adapters were initialised with.
+#: The trajectory records it, so that ``zo-replay`` rebuilds the same initial adapter from the base model.
+LORA_INIT_SEED_ATTR = "zo_lora_init_seed"
+
+
+def add_lora_adapter(model, config, init_seed: int | None = None):
+    """``get_peft_model(model, config)``, with the adapters initialised from ``init_seed`` when given.
+
+    The initial ``lora_A`` is random: seeding it (in a forked RNG, so the rest of the run draws the same numbers
+    as without LoRA) makes a run's starting point a function of the base model, the config and the seed.
+    """
+    from peft import get_peft_model
+
+    with torch.random.fork_rng():
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        model = get_peft_model(model, config)
+    setattr(model, LORA_INIT_SEED_ATTR, init_seed)
+    return model
+
+
+def lora_record(model) -> dict[str, Any] | None:
+    """JSON-ready description of a PEFT model's adapters (None without): config per adapter and the init seed."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return None
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (set, frozenset)):
+            return sorted(value)
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if isinstance(value, enum.Enum):
+            return value.value  # PeftType.LORA -> "LORA", as adapter_config.json writes it.
+        return value
+
+    return {
+        "adapters": {name: plain(config.to_dict()) for name, config in configs.items()},
+        "init_seed": getattr(model, LORA_INIT_SEED_ATTR, None),
+    }
+
+
+def _names(modules: Any) -> Any:
+    """Target module names for the log: leaf names (``all-linear`` resolves to full paths, one per layer)."""
+    if isinstance(modules, (set, frozenset, list, tuple)):
+        return sorted({name.rsplit(".", 1)[-1] for name in modules})
+    return modules
+
+
+def load_model(model_args: ModelArguments, init_seed: int | None = None):
+    """(model, tokenizer): a 4-bit model through ``zo_trainer.quant`` when asked or when the checkpoint is one;
+    with ``use_peft``, wrapped with LoRA adapters (initialised from ``init_seed``, see :func:`add_lora_adapter`)."""
     import transformers
 
     from .engine import check_finite_weights
 
     path = check_model_path(resolve_model_path(model_args.model_name_or_path))
     config = transformers.AutoConfig.from_pretrained(path)
+    if model_args.use_peft and getattr(config, "quantization_config", None):
+        # ZOTrainer saves a model with GPTQ layers through save_quantized, which writes the base, not the adapter.
+        raise ValueError(
+            f"--use_peft on the quantized checkpoint {path} is not supported: the adapter would not be saved. For "
+            "LoRA on a 4-bit base load the fp model with --quantization nf4 (QLoRA); to train this checkpoint's "
+            "scales use --optim qzo without --use_peft"
+        )
     if model_args.quantization or getattr(config, "quantization_config", None):
         from transformers import AutoTokenizer
 
@@ -430,4 +558,20 @@ def load_model(model_args: ModelArguments):
     else:
         model, tokenizer = load_model_and_tokenizer(path, dtype=model_args.dtype)
     check_finite_weights(model, path)  # NaN/inf weights would make every step a skipped one.
+    if model_args.use_peft:
+        try:
+            model = add_lora_adapter(model, lora_config(model_args), init_seed)
+        except ValueError as error:  # PEFT's own message names the modules it could not find.
+            raise ValueError(f"--use_peft: {error}") from None
+        trainable, total = model.get_nb_trainable_parameters()
+        logger.info(
+            "LoRA adapters (r=%d, lora_alpha=%d, target_modules=%s): trainable params: %d || all params: %d || "
+            "trainable%%: %.4f",
+            model_args.lora_r,
+            model_args.lora_alpha,
+            _names(model.peft_config["default"].target_modules),
+            trainable,
+            total,
+            100 * trainable / total,
+        )
     return model, tokenizer

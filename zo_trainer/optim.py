@@ -219,12 +219,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             "consecutive_skips": self.consecutive_skips,
             "consecutive_zero_gradients": self.consecutive_zero_gradients,
             "base_fingerprint": self.base_fingerprint,
+            "noise": self.engine.noise_config(),  # How z is drawn: a resumed run keeps drawing it the same way.
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved)
         self.engine.load_thresholds(state_dict.get("thresholds", {}))
+        self.engine.load_noise_config(state_dict.get("noise"))  # Absent: a checkpoint of z scheme 1.
         self.trajectory = list(state_dict.get("trajectory", []))
         self.consecutive_skips = state_dict.get("consecutive_skips", 0)
         self.consecutive_zero_gradients = state_dict.get("consecutive_zero_gradients", 0)

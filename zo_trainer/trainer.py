@@ -496,6 +496,7 @@ class ZOTrainer(Trainer):
                 "consecutive_skips": resume.get("consecutive_skips", 0),
                 "consecutive_zero_gradients": resume.get("consecutive_zero_gradients", 0),
                 "base_fingerprint": saved.get("base_fingerprint"),
+                "noise": saved.get("noise"),
             }
         )
         self.lr_scheduler.load_state_dict(resume["lr_scheduler"])

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 TRAJECTORY_NAME = "zo_trajectory.json"
 FORMAT = "zo_trainer.trajectory"
-VERSION = 1
+VERSION = 2  # 2: "noise" records the z scheme (engine.noise_config); older readers would replay another z.
 
 
 class TrajectoryError(ValueError):
@@ -129,6 +129,7 @@ def trajectory_payload(trainer: ZOTrainer) -> dict[str, Any]:
     base = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     first = engine.targets[0].get()
     thresholds = engine.thresholds()
+    from .models import lora_record
     from .quant import get_backend
 
     backend = get_backend(model)
@@ -144,6 +145,9 @@ def trajectory_payload(trainer: ZOTrainer) -> dict[str, Any]:
         "method": method.name,
         "dtype": str(first.dtype).removeprefix("torch."),
         "quantization": backend.name if backend is not None else None,  # zo-replay loads the base the same way.
+        # LoRA (PEFT) runs: the adapter config and the seed zo-train initialised it from, so zo-replay adds the
+        # same adapter to the base model before the updates. None for a model trained without adapters.
+        "peft": lora_record(model),
         "device": first.device.type,
         "eps": args.zo_eps,
         "seed": args.seed,
@@ -154,8 +158,9 @@ def trajectory_payload(trainer: ZOTrainer) -> dict[str, Any]:
         "targets": [t.name for t in engine.targets],  # In engine order: a tensor's noise stream depends on its index.
         "num_trained_entries": engine.total_numel,
         "thresholds": thresholds if any(v is not None for v in thresholds.values()) else None,
-        # How z is drawn on CPU (chunked streams); replay draws it the same way even if the defaults change.
-        "noise": {"cpu_chunks": engine.NOISE_CHUNKS, "cpu_chunked_min_numel": engine._CHUNKED_MIN_NUMEL},
+        # How z is drawn (scheme; CPU streams); replay draws it the same way even if the defaults change.
+        # Files without "scheme" were written by scheme 1.
+        "noise": engine.noise_config(),
         "base_fingerprint": optimizer.base_fingerprint,
         "fingerprint": weights_fingerprint(engine),
         "global_step": trainer.state.global_step,
@@ -241,10 +246,11 @@ def replay(
             raise TrajectoryError(f"The base model has no tensor(s) {missing[:5]} that the trajectory trained.")
         targets = [by_name[name] for name in payload["targets"]]
     engine = ZOEngine(targets)
-    noise = payload.get("noise")
-    if noise:
-        engine.NOISE_CHUNKS = noise["cpu_chunks"]
-        engine._CHUNKED_MIN_NUMEL = noise["cpu_chunked_min_numel"]
+    try:
+        engine.load_noise_config(payload.get("noise"))
+    except ValueError as error:
+        engine.remove()
+        raise TrajectoryError(str(error)) from None
     try:
         if verify and payload.get("base_fingerprint") is not None:
             found = weights_fingerprint(engine)

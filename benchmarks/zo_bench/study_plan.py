@@ -71,6 +71,17 @@ PLAN: list[dict[str, Any]] = [
         kind="overfit",
         args=dict(OVERFIT, optim="adamw_torch", learning_rate=5e-5, max_steps=64),
     ),
+    # ZO at 300 steps stayed near ln 2 on 32 examples (mezo 3e-5: 0.592, sparse 1e-4: 0.648): lr x3 before anything else
+    dict(
+        name="overfit32_mezo_lr1e-4",
+        kind="overfit",
+        args=dict(OVERFIT, optim="mezo", learning_rate=1e-4, max_steps=300),
+    ),
+    dict(
+        name="overfit32_sparse_lr3e-4",
+        kind="overfit",
+        args=dict(OVERFIT, optim="sparse_mezo", zo_sparsity=0.8, learning_rate=3e-4, max_steps=300),
+    ),
     # mezo: largest stable lr with a decaying schedule (constant 1e-4 gained by step 100, then diverged)
     dict(
         name="sweep_mezo_lr1e-4_linear",

@@ -2,7 +2,8 @@
 
     zo-replay --base <model> --trajectory out/zo_trajectory.json --output_dir replayed
 
-The trajectory format and the replay itself are library code (``zo_trainer.trajectory``); this module is the
+A LoRA run of ``zo-train --use_peft`` is replayed on the same adapter (config and init seed from the trajectory) and
+saved as the adapter. The trajectory format and the replay itself are library code (``zo_trainer.trajectory``); this module is the
 command line around them.
 """
 
@@ -12,10 +13,11 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from ..models import ModelArguments, load_model
+from ..models import PEFT_INSTALL_HINT, ModelArguments, add_lora_adapter, load_model
 from ..quant import get_backend, save_quantized
 from ..trajectory import TRAJECTORY_NAME, TrajectoryError, load_trajectory, replay
 from .errors import run_console_script, usage_errors_in_one_line
@@ -46,6 +48,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def lora_settings(payload: dict) -> tuple[Any, int] | None:
+    """(LoraConfig, init seed) of a trajectory that trained LoRA adapters; None for one that trained the model."""
+    record = payload.get("peft")
+    if not record:
+        return None
+    adapters = record.get("adapters") or {}
+    if list(adapters) != ["default"] or record.get("init_seed") is None:
+        raise TrajectoryError(
+            "The trajectory trained PEFT adapters that zo-train did not create (adapters "
+            f"{sorted(adapters)}, init seed {record.get('init_seed')}): their initial weights are not recorded, so "
+            "zo-replay cannot rebuild them. Train with zo-train --use_peft to get a replayable run."
+        )
+    try:
+        from peft import PeftConfig
+    except ImportError:
+        raise TrajectoryError(
+            f"The trajectory trained LoRA adapters: replaying it needs peft ({PEFT_INSTALL_HINT})."
+        ) from None
+    return PeftConfig.from_peft_type(**adapters["default"]), record["init_seed"]
+
+
 def run(argv: Sequence[str] | None = None) -> str:
     """The whole zo-replay program from Python: returns the output folder; raises on bad input."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -64,9 +87,12 @@ def run(argv: Sequence[str] | None = None) -> str:
             "drop the flag (the recorded setting is used)."
         )
 
+    lora = lora_settings(payload)  # Checked before the (slow) model load.
     model, tokenizer = load_model(
         ModelArguments(model_name_or_path=base, dtype=payload.get("dtype", "float32"), quantization=quantization)
     )
+    if lora is not None:
+        model = add_lora_adapter(model, *lora)
     if recorded == "gptq":
         found = get_backend(model)
         if found is None or found.name != "gptq":
@@ -80,7 +106,9 @@ def run(argv: Sequence[str] | None = None) -> str:
     replay(model, payload, steps=args.steps, verify=not args.no_verify, recompute_thresholds=args.recompute_thresholds)
 
     os.makedirs(args.output_dir, exist_ok=True)
-    if get_backend(model) is not None:
+    if lora is not None:
+        model.save_pretrained(args.output_dir)  # The adapter, as zo-train saved it (the base is unchanged).
+    elif get_backend(model) is not None:
         save_quantized(model, args.output_dir)
     else:
         model.save_pretrained(args.output_dir)

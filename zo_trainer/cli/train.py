@@ -32,7 +32,7 @@ import transformers
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from ..data import CandidateCollator, compute_accuracy, load_task_splits, prepare_dataset
-from ..models import ModelArguments, load_model
+from ..models import ModelArguments, load_model, lora_config
 from ..tasks import TASKS, get_task
 from ..trainer import ZOTrainer, checkpoint_folders
 from ..training_args import ZOTrainingArguments
@@ -123,13 +123,34 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         training_args.do_train = True
     if not any(arg.split("=")[0] == "--do_eval" for arg in argv):
         training_args.do_eval = True
-    if model_args.quantization and training_args.optim != "qzo":
+    if model_args.quantization and training_args.optim != "qzo" and not model_args.use_peft:
         logger.warning(
-            "--quantization %s with --optim %s: only qzo trains 4-bit models.",
+            "--quantization %s with --optim %s: only qzo trains 4-bit models (or add --use_peft: LoRA on the "
+            "4-bit base, QLoRA).",
             model_args.quantization,
             training_args.optim,
         )
+    check_peft_args(model_args, training_args, argv)
     return model_args, data_args, training_args
+
+
+def check_peft_args(model_args: ModelArguments, training_args: ZOTrainingArguments, argv: list[str]) -> None:
+    """``--use_peft`` and the ``--lora_*`` flags, checked before the data and the model load."""
+    if not model_args.use_peft:
+        given = sorted({arg.split("=")[0] for arg in argv if arg.startswith("--lora_")})
+        if given:
+            logger.warning("%s without --use_peft: ignored (the model's own weights are trained).", ", ".join(given))
+        return
+    if training_args.optim == "qzo":
+        raise UsageError(
+            "--optim qzo with --use_peft: qzo trains the quantization scales of the 4-bit base model, which a PEFT "
+            "adapter cannot save or reload; to train LoRA adapters (also on a 4-bit base: --quantization nf4, "
+            "QLoRA) use --optim mezo or sparse_mezo, or run qzo without --use_peft"
+        )
+    try:
+        lora_config(model_args)
+    except (ImportError, ValueError) as error:
+        raise UsageError(str(error)) from None
 
 
 LOCK_NAME = ".zo_train.lock"
@@ -229,6 +250,52 @@ def check_run_length(training_args: ZOTrainingArguments) -> None:
         )
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "task_type", "bias")
+
+
+def check_peft_resume(model, training_args: ZOTrainingArguments) -> None:
+    """A resume must build the adapter the checkpoint holds: LoRA or not, and the same ``--lora_*`` settings.
+
+    Otherwise HF's load fails with a tensor-shape traceback (another rank) or, worse, continues (another alpha).
+    """
+    resume = training_args.resume_from_checkpoint
+    if not training_args.do_train or not resume:
+        return
+    from ..trainer import last_complete_checkpoint
+
+    checkpoint = last_complete_checkpoint(training_args.output_dir) if resume is True else resume
+    if not checkpoint or not os.path.isdir(checkpoint):
+        return  # ZOTrainer.train names the missing or incomplete checkpoint.
+    saved_path = os.path.join(checkpoint, ADAPTER_CONFIG)
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        if os.path.isfile(saved_path):
+            raise UsageError(
+                f"cannot resume from {checkpoint}: it holds LoRA adapters ({ADAPTER_CONFIG}); add --use_peft and "
+                "its --lora_* settings"
+            )
+        return
+    if not os.path.isfile(saved_path):
+        raise UsageError(f"cannot resume from {checkpoint} with --use_peft: it holds no adapter ({ADAPTER_CONFIG})")
+    saved = json.loads(Path(saved_path).read_text())
+    now = configs["default"].to_dict()
+
+    def comparable(value):
+        return sorted(value) if isinstance(value, (set, frozenset, list, tuple)) else getattr(value, "value", value)
+
+    differences = [
+        f"{name} {comparable(saved.get(name))!r} in the checkpoint, {comparable(now.get(name))!r} now"
+        for name in _LORA_FIELDS
+        if comparable(saved.get(name)) != comparable(now.get(name))
+    ]
+    if differences:
+        raise UsageError(
+            f"cannot resume from {checkpoint}: its LoRA adapter has other settings: {'; '.join(differences)}. Resume "
+            "with the checkpoint's --lora_* settings, or start a new run in another --output_dir"
+        )
+
+
 class _InputStage(TrainerCallback):
     """Marks the end of input checking: from the first step on, a ValueError is not the user's input any more."""
 
@@ -295,7 +362,9 @@ def _run(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def _train_and_evaluate(model_args, data_args, training_args, task, splits) -> dict[str, float]:
-    model, tokenizer = load_model(model_args)
+    # LoRA adapters start from --seed: zo-replay rebuilds them from the base model and the trajectory.
+    model, tokenizer = load_model(model_args, init_seed=training_args.seed)
+    check_peft_resume(model, training_args)
 
     prepared = {
         name: prepare_dataset(tokenizer, task, split, data_args.max_length)

@@ -157,6 +157,35 @@ def test_growth_quick(out):
         assert _finite(row["step_seconds_median"]) and row["param_count"] > 0
 
 
+def test_engine_quick_times_both_z_schemes_through_the_console_script(tmp_path):
+    """zo-bench engine --quick: the engine's own work per step (no forward), z scheme 1 vs 2, dense and sparse.
+
+    Checks the harness, not the figures: both schemes of both methods timed (wall and CPU), every module reading a
+    target saw its perturbed copy in both passes (the engine's hooks did the work), and one error line for a bad flag.
+    """
+    proc = zo_bench("engine", "--quick", "--out", tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "engine_quick.json").read_text())
+    assert payload["suite"] == "engine" and payload["quick"] is True
+    _check_environment(payload["environment"])
+    assert payload["setup"]["torch_num_threads"] == 1  # conftest's zo_bench sets OMP_NUM_THREADS=1
+    methods = payload["shapes"]["tiny"]["methods"]
+    assert set(methods) == {"mezo", "sparse_mezo"}
+    assert methods["mezo"]["entries"] > methods["sparse_mezo"]["entries"] > 0  # sparse leaves embedding and norms
+    for row in methods.values():
+        for scheme in (1, 2):
+            timed = row[f"scheme{scheme}"]
+            assert timed["noise_config"]["scheme"] == scheme
+            assert _finite(timed["wall_seconds_median"]) and _finite(timed["cpu_seconds_median"])
+            assert len(timed["cpu_seconds_all"]) == payload["setup"]["repeats"] == 1
+            assert timed["modules_perturbed_per_pass"] == [timed["modules_reading_targets"]]
+        assert _finite(row["ratio_cpu"]) and _finite(row["ratio_wall"])
+    assert "| tiny | `sparse_mezo` |" in proc.stdout
+    bad = zo_bench("engine", "--shapes", "llama-70b", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "llama-70b" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_loglog_slope_and_log_parsing():
     assert growth.loglog_slope([1, 10, 100], [2, 20, 200]) == pytest.approx(1.0)
     assert growth.loglog_slope([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)

@@ -9,6 +9,7 @@
     zo-bench study    [--quick] [--runs a,b] [--list] [--report]  # the RTE accuracy study (benchmarks/zo_bench/study.py)
     zo-bench scale    [--quick] [--sizes 7b] ...             # real Llama shapes (own flags: zo-bench scale --help)
     zo-bench qzo-step-time --gptq_dir DIR ...                # qzo through ZOTrainer.training_step (own flags)
+    zo-bench engine   [--quick] [--shapes smollm2-135m] ...  # the engine's own work per step, z scheme 1 vs 2
     python -m benchmarks.zo_bench memory-worker --config '{...}'   # internal: one memory measurement
 
 Every figure is a ratio of two quantities measured in the same run (the CPU is shared, so absolute
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zo-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("suite", choices=[*SUITES, "all", "report", "study", "scale", "qzo-step-time", "memory-worker"])
+    p.add_argument(
+        "suite", choices=[*SUITES, "all", "report", "study", "scale", "qzo-step-time", "engine", "memory-worker"]
+    )
     p.add_argument("--quick", action="store_true", help="tiny random model, CI-sized (< 60 s for all suites)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG files")
     p.add_argument(
@@ -83,6 +86,13 @@ def _main(argv: list[str] | None = None) -> int:
         scale_args = scale_parser()
         usage_errors_in_one_line(scale_args, "zo-bench scale")
         return main_scale(raw_argv[1:], parser=scale_args)
+    if raw_argv[:1] == ["engine"]:  # the engine alone, z scheme 1 vs 2, own flags: engine_cost.py
+        from .engine_cost import build_parser as engine_parser
+        from .engine_cost import main_engine_cost
+
+        engine_args = engine_parser()
+        usage_errors_in_one_line(engine_args, "zo-bench engine")
+        return main_engine_cost(raw_argv[1:], parser=engine_args)
     if raw_argv[:1] == ["qzo-step-time"]:  # through ZOTrainer.training_step, own flags: speed.py
         from .speed import main_trainer_step, trainer_step_parser
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.zo_bench import accuracy, cli, growth, memory, study
+from benchmarks.zo_bench import accuracy, cli, common, growth, memory, study
 from benchmarks.zo_bench.common import default_rte_dir
 from conftest import zo_bench
 
 RTE = Path(default_rte_dir())
 HAS_QUANT = all(importlib.util.find_spec(m) is not None for m in ("bitsandbytes", "gptqmodel", "optimum"))
+HAS_PEFT = importlib.util.find_spec("peft") is not None
 HAS_PLOT = all(importlib.util.find_spec(m) is not None for m in ("matplotlib", "psutil"))
 
 
@@ -231,7 +232,12 @@ def test_study_quick_end_to_end_and_resume(tmp_path):
     proc = _study(out, "--root", str(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = out / "rte_study"
-    assert {p.name for p in study.iterdir() if p.is_dir()} == {"q_sparse", "q_mezo", "q_overfit", "q_reference"}
+    assert {p.name for p in study.iterdir() if p.is_dir()} == {
+        "q_sparse",
+        "q_mezo",
+        "q_overfit",
+        "q_reference",
+    } | ({"q_lora_mezo"} if HAS_PEFT else set())
     assert (study / "rte_study.png").stat().st_size > 0
 
     for name in ("q_sparse", "q_mezo"):
@@ -268,6 +274,58 @@ def test_study_quick_end_to_end_and_resume(tmp_path):
         and "| q_sparse | sparse_mezo |" in report.stdout
         and "Zero-shot test accuracy" in report.stdout
     )
+    if not HAS_PEFT:
+        return
+    # the LoRA run: list flags passed as several words, an adapter saved, scored on its base model
+    lora = json.loads((study / "q_lora_mezo" / "study_result.json").read_text())
+    assert lora["trained"] and lora["steps_completed"] == 2 and lora["diverged"] is False
+    assert "--use_peft true --lora_r 8 --lora_alpha 16" in lora["command"]
+    assert "--lora_target_modules q_proj v_proj --" in lora["command"]
+    assert (root / "q_lora_mezo" / "adapter_config.json").exists()
+    assert not (root / "q_lora_mezo" / "config.json").exists()  # an adapter, not a full model
+    assert lora["test"]["n"] == len(lora["test"]["predictions"]) == 8
+    mezo = json.loads((study / "q_mezo" / "study_result.json").read_text())
+    assert lora["zero_shot"]["accuracy"] == mezo["zero_shot"]["accuracy"]  # same base model, same test split
+
+    assert "| q_lora_mezo | mezo LoRA r8 |" in report.stdout
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="needs peft (pip install -e '.[peft]')")
+def test_study_scoring_loads_a_lora_adapter_on_its_base_model(tmp_path):
+    """A --use_peft output (adapter_config.json, no config.json) is scored as PeftModel(base, adapter); the
+    adapter's weights are the ones saved, so its scores differ from the base model's."""
+    import torch
+    from peft import PeftModel
+
+    from benchmarks.zo_bench.factories import tiny_model_dir
+    from benchmarks.zo_bench.study_scoring import is_adapter_dir, load_scored_model
+    from zo_trainer.models import ModelArguments, load_model
+
+    base_dir = str(tiny_model_dir(tmp_path))
+    args = dict(model_name_or_path=base_dir, use_peft=True, lora_r=8, lora_target_modules=["q_proj", "v_proj"])
+    model, _ = load_model(ModelArguments(**args), init_seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.fill_(0.05)  # lora_B starts at zero: make the adapter change the output
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    assert is_adapter_dir(str(adapter)) and not is_adapter_dir(base_dir) and not is_adapter_dir(None)
+
+    scored, tokenizer = load_scored_model(str(adapter), args)
+    base, _ = load_scored_model(base_dir, args)
+    assert isinstance(scored, PeftModel) and not isinstance(base, PeftModel)
+    saved = {k: v for k, v in model.state_dict().items() if ".lora_B." in k}
+    loaded = scored.state_dict()
+    assert saved and all(torch.equal(loaded[k], v) for k, v in saved.items())
+    ids = tokenizer("The cat sat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert not torch.allclose(scored.eval()(ids).logits, base.eval()(ids).logits)
+
+
+def test_to_argv_passes_lists_as_several_words():
+    argv = common.to_argv({"use_peft": True, "lora_target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0})
+    assert argv == ["--use_peft", "true", "--lora_target_modules", "q_proj", "v_proj", "--lora_dropout", "0.0"]
 
 
 def test_study_log_parsing_resumed_run(tmp_path):

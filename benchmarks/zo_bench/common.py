@@ -93,8 +93,12 @@ def run_args(run: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_argv(args: dict[str, Any]) -> list[str]:
-    """zo-train flags for ``args`` (booleans as true / false)."""
+    """zo-train flags for ``args``: booleans as true / false, lists as several words (``--lora_target_modules q_proj
+    v_proj``, as HfArgumentParser reads a list field)."""
     argv: list[str] = []
     for k, v in args.items():
-        argv += [f"--{k}", ("true" if v else "false") if isinstance(v, bool) else str(v)]
+        if isinstance(v, (list, tuple)):
+            argv += [f"--{k}", *(str(x) for x in v)]
+        else:
+            argv += [f"--{k}", ("true" if v else "false") if isinstance(v, bool) else str(v)]
     return argv

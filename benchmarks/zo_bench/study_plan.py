@@ -4,6 +4,7 @@ See benchmarks/results/rte_study/PLAN.md."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -42,6 +43,11 @@ COMMON: dict[str, Any] = dict(
 # 32 fixed examples, batch 4: the training loss logged every 8 steps is the mean over exactly one epoch.
 OVERFIT: dict[str, Any] = dict(
     num_train=32, num_dev=4, per_device_train_batch_size=4, logging_steps=8, eval_strategy="no", save_steps=100
+)
+# LoRA through zo-train's TRL-style PEFT flags: r 8 on q/v (0.46M entries on SmolLM2-135M); the output is an adapter,
+# scored on its base model (study_scoring.load_scored_model).
+LORA: dict[str, Any] = dict(
+    use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"]
 )
 
 # The plan, most informative first. Settings in "args" override COMMON. See benchmarks/results/rte_study/PLAN.md.
@@ -116,6 +122,28 @@ PLAN: list[dict[str, Any]] = [
     ),
     dict(name="reference_mezo_lr3e-5", kind="reference", args=dict(optim="mezo", learning_rate=3e-5, max_steps=300)),
     dict(name="main_qzo_nf4", args=dict(optim="qzo", quantization="nf4", learning_rate=1e-4, max_steps=1000)),
+    # LoRA (issue 10: mezo on LoRA, eps 1e-2, lr 1e-3 was stable over 400 steps through the notebook API)
+    dict(
+        name="lora_mezo_lr1e-3_eps1e-2",
+        args=dict(LORA, optim="mezo", learning_rate=1e-3, zo_eps=1e-2, max_steps=1000),
+    ),
+    dict(
+        name="lora_adamw_lr1e-4",
+        args=dict(
+            LORA,
+            optim="adamw_torch",
+            learning_rate=1e-4,
+            lr_scheduler_type="linear",
+            max_steps=500,
+            eval_steps=125,
+            save_steps=125,
+        ),
+    ),
+    dict(
+        name="overfit32_lora_mezo_lr1e-3",
+        kind="overfit",
+        args=dict(OVERFIT, **LORA, optim="mezo", learning_rate=1e-3, zo_eps=1e-2, max_steps=300),
+    ),
 ]
 
 
@@ -152,4 +180,9 @@ def quick_plan(model_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         ),
         dict(name="q_reference", kind="reference", args=dict(optim="mezo", learning_rate=1e-4, max_steps=2)),
     ]
+    if importlib.util.find_spec("peft") is not None:  # an optional extra (dev installs it): LoRA runs need it
+        # a LoRA run: its output is an adapter, scored on the tiny base model
+        plan.append(
+            dict(name="q_lora_mezo", args=dict(LORA, optim="mezo", learning_rate=1e-3, zo_eps=1e-2, max_steps=2))
+        )
     return common, plan

@@ -23,6 +23,12 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
+def optim_cell(r: dict[str, Any]) -> str:
+    """The run's optimiser, with "LoRA r<rank>" when it trained adapters (``use_peft``) rather than the weights."""
+    args = r.get("args") or {}
+    return f"{r['optim']} LoRA r{args.get('lora_r', 16)}" if args.get("use_peft") else str(r["optim"])
+
+
 def study_report(results: Path) -> str:
     rows = load_results(results)
     if not rows:
@@ -44,7 +50,7 @@ def study_report(results: Path) -> str:
             r["steps"] if r.get("steps_completed") in (None, r["steps"]) else f"{r['steps_completed']} of {r['steps']}"
         )
         lines.append(
-            f"| {r['name']} | {r['optim']} | {r['learning_rate']:g} ({r['lr_scheduler_type']}) | {r.get('zo_eps') or ''} | "
+            f"| {r['name']} | {optim_cell(r)} | {r['learning_rate']:g} ({r['lr_scheduler_type']}) | {r.get('zo_eps') or ''} | "
             f"{r['batch_size']} | {steps} | {'n/a' if wall is None else f'{wall / 60:.0f}'} | "
             f"{last.get('loss', float('nan')):.3f} | {_pct(last.get('accuracy'))} | {test} | {'yes' if r['diverged'] else 'no'} |"
         )
@@ -65,7 +71,7 @@ def study_report(results: Path) -> str:
         for r in over:
             s = r["steps_to_train_loss_below"]
             lines.append(
-                f"| {r['name']} | {r['optim']} | {r['learning_rate']:g} | {r.get('steps_completed')} | "
+                f"| {r['name']} | {optim_cell(r)} | {r['learning_rate']:g} | {r.get('steps_completed')} | "
                 f"{r['min_train_loss']:.3f} | {s['0.60']} / {s['0.50']} / {s['0.30']} |"
             )
     for r in rows:

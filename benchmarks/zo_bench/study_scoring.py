@@ -34,6 +34,26 @@ def task_splits(args: dict[str, Any]):
     return task, splits
 
 
+def is_adapter_dir(model_path: str | None) -> bool:
+    """Whether ``model_path`` holds a PEFT adapter (a ``--use_peft`` run's output), not a full model."""
+    return bool(model_path) and (Path(model_path) / "adapter_config.json").exists()
+
+
+def load_scored_model(model_path: str | None, args: dict[str, Any]):
+    """(model, tokenizer) of a finished run: a full model as saved, or a LoRA adapter on the run's base model
+    (``args``' model_name_or_path and quantization, as it was trained) through ``PeftModel.from_pretrained``."""
+    from zo_trainer.models import ModelArguments, load_model
+
+    if not is_adapter_dir(model_path):
+        return load_model(ModelArguments(model_name_or_path=model_path, quantization=args.get("quantization")))
+    from peft import PeftModel
+
+    base, tokenizer = load_model(
+        ModelArguments(model_name_or_path=args.get("model_name_or_path"), quantization=args.get("quantization"))
+    )
+    return PeftModel.from_pretrained(base, model_path), tokenizer
+
+
 def score_model(model_path: str | None, args: dict[str, Any], split: str = "eval") -> dict[str, Any]:
     """Candidate scores of every example of ``split`` ("eval" = the test set, "train", "dev")."""
     import torch
@@ -43,10 +63,9 @@ def score_model(model_path: str | None, args: dict[str, Any], split: str = "eval
         candidate_loss,
         prepare_dataset,
     )
-    from zo_trainer.models import ModelArguments, load_model
 
     task, splits = task_splits(args)
-    model, tokenizer = load_model(ModelArguments(model_name_or_path=model_path, quantization=args.get("quantization")))
+    model, tokenizer = load_scored_model(model_path, args)
     model.eval()
     data = prepare_dataset(tokenizer, task, splits[split], int(args["max_length"]))
     collate = CandidateCollator(tokenizer)

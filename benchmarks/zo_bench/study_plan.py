@@ -50,6 +50,9 @@ LORA: dict[str, Any] = dict(
     use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"]
 )
 
+# GPU runs: 10x the CPU main runs' steps; dev loss every 500 steps, one checkpoint kept.
+GPU_LONG: dict[str, Any] = dict(max_steps=10000, logging_steps=50, eval_steps=500, save_steps=2500)
+
 # The plan, most informative first. Settings in "args" override COMMON. See benchmarks/results/rte_study/PLAN.md.
 PLAN: list[dict[str, Any]] = [
     # LR sweep, sparse_mezo above the 1e-4 that is stable but flat (issue 10)
@@ -143,6 +146,29 @@ PLAN: list[dict[str, Any]] = [
         name="overfit32_lora_mezo_lr1e-3",
         kind="overfit",
         args=dict(OVERFIT, **LORA, optim="mezo", learning_rate=1e-3, zo_eps=1e-2, max_steps=300),
+    ),
+    # GPU study (issue 10, item 6): the same data and settings, 10x the steps, run when a GPU is lent
+    *(
+        dict(
+            name=f"gpu_{method}_lr{lr_name}_10k_s{seed}",
+            args=dict(GPU_LONG, **method_args, learning_rate=lr, seed=seed),
+        )
+        for method, method_args, lr, lr_name in (
+            ("mezo", dict(optim="mezo"), 3e-5, "3e-5"),
+            ("sparse", dict(optim="sparse_mezo", zo_sparsity=0.8), 3e-4, "3e-4"),
+        )
+        for seed in (0, 1)
+    ),
+    dict(
+        name="gpu_adamw_lr1e-5_500",
+        args=dict(
+            optim="adamw_torch",
+            learning_rate=1e-5,
+            max_steps=500,
+            lr_scheduler_type="linear",
+            eval_steps=125,
+            save_steps=125,
+        ),
     ),
 ]
 

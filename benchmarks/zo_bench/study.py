@@ -38,7 +38,7 @@ from .common import dict_line, log_line, run_args, to_argv, write_json
 from .environment import environment
 from .factories import tiny_model_dir
 from .study_plan import COMMON, DIVERGENCE_FACTOR, LN2, PLAN, STUDY_DIR, quick_plan
-from .study_report import plot_study, study_report
+from .study_report import plot_studies, study_report
 from .study_scoring import bootstrap_ci, majority_rate, run_reference, score_model, zero_shot
 
 
@@ -347,7 +347,7 @@ def main_study(
 ) -> int:
     results = out / STUDY_DIR
     if report_only:
-        plot_study(results, results / "rte_study.png")
+        plot_studies(results)
         print(study_report(results), end="")
         return 0
     if quick:
@@ -388,6 +388,6 @@ def main_study(
             run, common, root_dir, results, threads=threads, nice=0, log=log_line
         )  # zo-train inherits the niceness
         failed += res is None or (run.get("kind", "train") != "reference" and not res.get("trained"))
-    plot_study(results, results / "rte_study.png")
+    plot_studies(results)
     print(study_report(results), end="")
     return 1 if failed else 0

@@ -52,6 +52,7 @@ LORA: dict[str, Any] = dict(
 
 # GPU runs: 10x the CPU main runs' steps; dev loss every 500 steps, one checkpoint kept.
 GPU_LONG: dict[str, Any] = dict(max_steps=10000, logging_steps=50, eval_steps=500, save_steps=2500)
+GPU_SHORT: dict[str, Any] = dict(max_steps=2000, logging_steps=50, eval_steps=250, save_steps=2000)
 
 # The plan, most informative first. Settings in "args" override COMMON. See benchmarks/results/rte_study/PLAN.md.
 PLAN: list[dict[str, Any]] = [
@@ -169,6 +170,25 @@ PLAN: list[dict[str, Any]] = [
             eval_steps=125,
             save_steps=125,
         ),
+    ),
+    # GPU, second round (the 10k runs: mezo lr 3e-5 diverged near step 1,300 in both seeds; sparse_mezo's update
+    # fraction fell to 0.02-0.03 by step 1,000): smaller or decaying LRs, 2,000 steps, dev loss every 250
+    dict(name="gpu_mezo_lr1e-5_2k_s0", args=dict(GPU_SHORT, optim="mezo", learning_rate=1e-5)),
+    dict(
+        name="gpu_mezo_lr3e-5_linear_2k_s0",
+        args=dict(GPU_SHORT, optim="mezo", learning_rate=3e-5, lr_scheduler_type="linear"),
+    ),
+    dict(
+        name="gpu_mezo_lr1e-4_linear_1k_s0",
+        args=dict(GPU_SHORT, optim="mezo", learning_rate=1e-4, lr_scheduler_type="linear", max_steps=1000),
+    ),
+    dict(
+        name="gpu_sparse_lr3e-4_2k_s1",
+        args=dict(GPU_SHORT, optim="sparse_mezo", zo_sparsity=0.8, learning_rate=3e-4, seed=1),
+    ),
+    dict(
+        name="gpu_lora_mezo_lr1e-3_eps1e-2_2k_s0",
+        args=dict(GPU_SHORT, **LORA, optim="mezo", learning_rate=1e-3, zo_eps=1e-2),
     ),
 ]
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .study_plan import LN2
+from .study_plan import DIVERGENCE_FACTOR, LN2
 
 
 # =====================================================================================================
@@ -29,13 +29,19 @@ def optim_cell(r: dict[str, Any]) -> str:
     return f"{r['optim']} LoRA r{args.get('lora_r', 16)}" if args.get("use_peft") else str(r["optim"])
 
 
+def device_cell(r: dict[str, Any]) -> str:
+    """Where the run trained: the GPU's name (wall-clock is then not comparable with the CPU runs), else CPU."""
+    gpu = ((r.get("environment") or {}).get("machine") or {}).get("gpu")
+    return f"GPU ({gpu.replace('NVIDIA ', '').split()[0]})" if gpu else "CPU"
+
+
 def study_report(results: Path) -> str:
     rows = load_results(results)
     if not rows:
         return ""
     lines = [
-        "| run | optim | lr (schedule) | eps | batch | steps | wall-clock (min) | final dev loss | dev acc | test acc % [95% CI] | diverged |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | device | optim | lr (schedule) | eps | batch | steps | wall-clock (min) | final dev loss | dev acc | test acc % [95% CI] | diverged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     zs = maj = None
     for r in rows:
@@ -50,7 +56,7 @@ def study_report(results: Path) -> str:
             r["steps"] if r.get("steps_completed") in (None, r["steps"]) else f"{r['steps_completed']} of {r['steps']}"
         )
         lines.append(
-            f"| {r['name']} | {optim_cell(r)} | {r['learning_rate']:g} ({r['lr_scheduler_type']}) | {r.get('zo_eps') or ''} | "
+            f"| {r['name']} | {device_cell(r)} | {optim_cell(r)} | {r['learning_rate']:g} ({r['lr_scheduler_type']}) | {r.get('zo_eps') or ''} | "
             f"{r['batch_size']} | {steps} | {'n/a' if wall is None else f'{wall / 60:.0f}'} | "
             f"{last.get('loss', float('nan')):.3f} | {_pct(last.get('accuracy'))} | {test} | {'yes' if r['diverged'] else 'no'} |"
         )
@@ -65,13 +71,13 @@ def study_report(results: Path) -> str:
     if over:
         lines += [
             "",
-            "| slow or broken: 32 fixed examples | optim | lr | steps run | min train loss (epoch mean) | first step < 0.6 / 0.5 / 0.3 |",
-            "|---|---|---|---|---|---|",
+            "| slow or broken: 32 fixed examples | device | optim | lr | steps run | min train loss (epoch mean) | first step < 0.6 / 0.5 / 0.3 |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in over:
             s = r["steps_to_train_loss_below"]
             lines.append(
-                f"| {r['name']} | {optim_cell(r)} | {r['learning_rate']:g} | {r.get('steps_completed')} | "
+                f"| {r['name']} | {device_cell(r)} | {optim_cell(r)} | {r['learning_rate']:g} | {r.get('steps_completed')} | "
                 f"{r['min_train_loss']:.3f} | {s['0.60']} / {s['0.50']} / {s['0.30']} |"
             )
     for r in rows:
@@ -82,15 +88,23 @@ def study_report(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_study(results: Path, path: Path) -> None:
+def plot_studies(results: Path) -> None:
+    """``rte_study.png`` from the CPU runs and, when there are any, ``rte_study_gpu.png`` from the GPU runs: their
+    wall-clocks are not comparable, so they never share an axis."""
+    plot_study(results, results / "rte_study.png", on_gpu=False)
+    plot_study(results, results / "rte_study_gpu.png", on_gpu=True)
+
+
+def plot_study(results: Path, path: Path, on_gpu: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in load_results(results) if r["kind"] == "train"]
+    rows = [r for r in load_results(results) if r["kind"] == "train" and device_cell(r).startswith("GPU") == on_gpu]
     if not rows:
         return
+    clock = f"wall-clock (min, {device_cell(rows[0])}, runs sharing it)" if on_gpu else "wall-clock (min, one thread)"
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     styles = {"mezo": "-", "sparse_mezo": "--", "qzo": "-."}
     # the step-0 dev loss (same base model, same dev sample) drawn as every run's starting point
@@ -138,11 +152,14 @@ def plot_study(results: Path, path: Path) -> None:
     for ax in axes[0]:
         ax.axhline(LN2, ls=":", color="gray", lw=0.8)
         ax.set_ylabel("dev loss (ln 2 dotted)")
+        # a diverged run's dev loss (up to 1e5) would flatten every other curve: the axis stops at the divergence line
+        lowest = min((p["loss"] for r in rows for p in r.get("dev_curve") or []), default=LN2)
+        ax.set_ylim(max(0.0, lowest - 0.02), min(ax.get_ylim()[1], DIVERGENCE_FACTOR * LN2))
     axes[0, 0].set_xlabel("step")
     axes[1, 0].set_xlabel("step")
-    axes[0, 1].set_xlabel("wall-clock (min, one thread)")
-    axes[1, 1].set_xlabel("wall-clock (min, one thread)")
-    axes[0, 0].set_title("RTE dev loss vs steps", fontsize=10)
+    axes[0, 1].set_xlabel(clock)
+    axes[1, 1].set_xlabel(clock)
+    axes[0, 0].set_title("RTE dev loss vs steps (axis ends at 3 ln 2: divergence)", fontsize=10)
     axes[0, 1].set_title("RTE dev loss vs wall-clock", fontsize=10)
     axes[1, 0].set_title("RTE test accuracy (277 ex., 95% bootstrap CI) vs steps", fontsize=10)
     axes[1, 1].set_title("RTE test accuracy vs wall-clock", fontsize=10)

@@ -429,8 +429,10 @@ def test_weights_that_overflow_stop_the_run_with_the_last_intact_checkpoint(
     tmp_path, tiny_model_dir, small_rte_dir, capsys
 ):
     out = tmp_path / "out"
-    # fp16: lr 0 at step 1 (warm-up), then an update that overflows the weights to inf at step 2 (lr 3e4: with
-    # z scheme 2 the step-2 update at 1e4 stays finite and the run only skips NaN steps; the overflow depends on z).
+    # fp16: lr 0 at step 1 (warm-up), then at step 2 an update that overflows the weights whatever z and the
+    # projected gradient g are: zo_clip 1 bounds the z part (lr 0.5 x |g| <= 0.5, never refused as too large), and the
+    # decoupled weight decay multiplies every decayed weight by 1 - 0.5 x 1e12: any nonzero fp16 weight (the smallest
+    # is 6e-8) goes past fp16's largest finite value, 65504.
     flags = tiny_flags(
         tiny_model_dir,
         small_rte_dir,
@@ -438,7 +440,11 @@ def test_weights_that_overflow_stop_the_run_with_the_last_intact_checkpoint(
         "--dtype",
         "float16",
         "--learning_rate",
-        "3e4",
+        "1",
+        "--zo_clip",
+        "1",
+        "--weight_decay",
+        "1e12",
         "--lr_scheduler_type",
         "constant_with_warmup",
         "--warmup_steps",

@@ -98,51 +98,73 @@ def _curve(history: list[dict], key: str = "eval_accuracy") -> list[tuple[int, f
     return [(int(row.get("step", 0)), float(row[key])) for row in history if key in row]
 
 
+def _common_args(
+    data_dir: str,
+    model_dir: str | None,
+    *,
+    num_train: int,
+    num_dev: int,
+    num_eval: int,
+    max_length: int,
+    train_batch_size: int,
+    eval_batch_size: int,
+    logging_steps: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """zo-train arguments every accuracy run shares: RTE sampled as MeZO does (seed 0, data seed 0), a constant lr, no
+    checkpoints; ``extra`` adds or overrides arguments."""
+    return dict(
+        task="rte",
+        data_dir=data_dir,
+        num_train=num_train,
+        num_dev=num_dev,
+        num_eval=num_eval,
+        max_length=max_length,
+        per_device_train_batch_size=train_batch_size,
+        per_device_eval_batch_size=eval_batch_size,
+        lr_scheduler_type="constant",
+        logging_steps=logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        model_name_or_path=model_dir,
+        **extra,
+    )
+
+
 def accuracy_plan(quick: bool, data_dir: str, model_dir: str | None) -> dict[str, Any]:
     if quick:
-        common = dict(
-            task="rte",
-            data_dir=data_dir,
+        common = _common_args(
+            data_dir,
+            model_dir,
             num_train=8,
             num_dev=4,
             num_eval=4,
             max_length=64,
-            per_device_train_batch_size=2,
-            per_device_eval_batch_size=4,
+            train_batch_size=2,
+            eval_batch_size=4,
+            logging_steps=1,
             max_steps=2,
             eval_strategy="steps",
             eval_steps=1,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            seed=0,
-            data_seed=0,
-            lr_scheduler_type="constant",
-            disable_tqdm=True,
-            model_name_or_path=model_dir,
             eval_on_start=True,
         )
         sweep_lrs, sweep_eps, sweep_steps = [1e-5], [1e-3], 1
         main_steps, eval_steps, min_eval_steps = 2, 1, 1
         lrs = {"mezo": None, "sparse_mezo": 1e-5, "qzo": 1e-5}
     else:
-        common = dict(
-            task="rte",
-            data_dir=data_dir,
+        common = _common_args(
+            data_dir,
+            model_dir,
             num_train=500,
             num_dev=64,
             num_eval=277,
             max_length=128,
-            per_device_train_batch_size=8,
-            per_device_eval_batch_size=16,
-            lr_scheduler_type="constant",
+            train_batch_size=8,
+            eval_batch_size=16,
             logging_steps=5,
-            save_strategy="no",
-            report_to="none",
-            seed=0,
-            data_seed=0,
-            disable_tqdm=True,
-            model_name_or_path=model_dir,
         )
         sweep_lrs, sweep_eps, sweep_steps = [1e-6, 1e-5, 1e-4], [1e-3], 15
         main_steps, eval_steps, min_eval_steps = 200, 50, 10

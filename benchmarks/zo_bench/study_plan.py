@@ -54,6 +54,13 @@ LORA: dict[str, Any] = dict(
 GPU_LONG: dict[str, Any] = dict(max_steps=10000, logging_steps=50, eval_steps=500, save_steps=2500)
 GPU_SHORT: dict[str, Any] = dict(max_steps=2000, logging_steps=50, eval_steps=250, save_steps=2000)
 
+
+def overfit(name: str, **args: Any) -> dict[str, Any]:
+    """An overfit run (kind "overfit"): OVERFIT's 32 fixed examples, updated with ``args``. The full name is spelled
+    out at the call so that results, logs and notes stay greppable by it."""
+    return dict(name=name, kind="overfit", args=dict(OVERFIT, **args))
+
+
 # The plan, most informative first. Settings in "args" override COMMON. See benchmarks/results/rte_study/PLAN.md.
 PLAN: list[dict[str, Any]] = [
     # LR sweep, sparse_mezo above the 1e-4 that is stable but flat (issue 10)
@@ -66,32 +73,12 @@ PLAN: list[dict[str, Any]] = [
     ),
     # slow or broken? 32 fixed examples, training loss must go well below ln 2
     # (lr 1e-4: at 3e-4 and 1e-3 the sweeps' update fraction collapses as weights leave the fixed-threshold mask)
-    dict(
-        name="overfit32_sparse_lr1e-4",
-        kind="overfit",
-        args=dict(OVERFIT, optim="sparse_mezo", zo_sparsity=0.8, learning_rate=1e-4, max_steps=300),
-    ),
-    dict(
-        name="overfit32_mezo_lr3e-5",
-        kind="overfit",
-        args=dict(OVERFIT, optim="mezo", learning_rate=3e-5, max_steps=300),
-    ),
-    dict(
-        name="overfit32_adamw_lr5e-5",
-        kind="overfit",
-        args=dict(OVERFIT, optim="adamw_torch", learning_rate=5e-5, max_steps=64),
-    ),
+    overfit("overfit32_sparse_lr1e-4", optim="sparse_mezo", zo_sparsity=0.8, learning_rate=1e-4, max_steps=300),
+    overfit("overfit32_mezo_lr3e-5", optim="mezo", learning_rate=3e-5, max_steps=300),
+    overfit("overfit32_adamw_lr5e-5", optim="adamw_torch", learning_rate=5e-5, max_steps=64),
     # ZO at 300 steps stayed near ln 2 on 32 examples (mezo 3e-5: 0.592, sparse 1e-4: 0.648): lr x3 before anything else
-    dict(
-        name="overfit32_mezo_lr1e-4",
-        kind="overfit",
-        args=dict(OVERFIT, optim="mezo", learning_rate=1e-4, max_steps=300),
-    ),
-    dict(
-        name="overfit32_sparse_lr3e-4",
-        kind="overfit",
-        args=dict(OVERFIT, optim="sparse_mezo", zo_sparsity=0.8, learning_rate=3e-4, max_steps=300),
-    ),
+    overfit("overfit32_mezo_lr1e-4", optim="mezo", learning_rate=1e-4, max_steps=300),
+    overfit("overfit32_sparse_lr3e-4", optim="sparse_mezo", zo_sparsity=0.8, learning_rate=3e-4, max_steps=300),
     # mezo: largest stable lr with a decaying schedule (constant 1e-4 gained by step 100, then diverged)
     dict(
         name="sweep_mezo_lr1e-4_linear",
@@ -143,11 +130,7 @@ PLAN: list[dict[str, Any]] = [
             save_steps=125,
         ),
     ),
-    dict(
-        name="overfit32_lora_mezo_lr1e-3",
-        kind="overfit",
-        args=dict(OVERFIT, **LORA, optim="mezo", learning_rate=1e-3, zo_eps=1e-2, max_steps=300),
-    ),
+    overfit("overfit32_lora_mezo_lr1e-3", **LORA, optim="mezo", learning_rate=1e-3, zo_eps=1e-2, max_steps=300),
     # GPU study (issue 10, item 6): the same data and settings, 10x the steps, run when a GPU is lent
     *(
         dict(

@@ -76,3 +76,123 @@ def test_scale_is_listed_in_zo_bench_help():
     from benchmarks.zo_bench.cli import build_parser
 
     assert "scale" in build_parser().format_help()
+
+
+# =====================================================================================================
+# --device cuda: the GPU rows (the CUDA run itself is skipped without a GPU)
+# =====================================================================================================
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error a machine without CUDA gives")
+def test_cuda_without_a_gpu_is_one_error_line_and_writes_nothing(tmp_path):
+    proc = zo_bench("scale", "--quick", "--device", "cuda", "--out", tmp_path / "results", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cuda" in lines[0] and "is_available() is False" in lines[0], proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_memory_probe_is_chosen_by_device():
+    assert bench_scale.memory_probe(torch.device("cpu")) is None  # RSS from /proc, measured inline
+    with pytest.raises(ValueError, match="meta"):
+        bench_scale.memory_probe(torch.device("meta"))
+    if HAS_CUDA:
+        assert isinstance(bench_scale.memory_probe(torch.device("cuda")), bench_scale.CudaMemoryProbe)
+    else:
+        with pytest.raises(RuntimeError, match="is_available"):
+            bench_scale.memory_probe(torch.device("cuda"))
+    # timed() on the CPU: no synchronisation needed, still a positive duration
+    assert bench_scale.timed(lambda: torch.ones(64, 64) @ torch.ones(64, 64), torch.device("cpu")) > 0
+
+
+def test_gpu_rows_are_judged_by_the_gpu_peak_and_plotted_apart(tmp_path):
+    # A scale_cuda payload as the GPU workers write it (figures chosen to land on both sides of the goals).
+    def row(point: str, peak: float, step: float, forwards: float | None = None) -> dict:
+        weights, mode = bench_scale.POINTS[point]
+        r = {
+            "config": {"device": "cuda", "shape": "7b", "weights": weights, "mode": mode},
+            "step_peak_cuda_allocated_bytes": peak,
+            "cuda_allocated_start_bytes": 0,
+            "step_seconds": [step * 1.5, step],
+            "device_total_memory_bytes": 80e9,
+        }
+        return {**r, "two_forwards_seconds": [forwards]} if forwards else r
+
+    payload = {
+        "device": "cuda",
+        "batch_size": 1,
+        "seq_len": 128,
+        "sizes": ["7b"],
+        "points": {
+            "7b/qzo_nf4": row("qzo_nf4", 4.6e9, 0.105, forwards=0.1),
+            "7b/inference_nf4": row("inference_nf4", 4.5e9, 0.1),
+            "7b/mezo_fp16": row("mezo_fp16", 15.0e9, 0.12, forwards=0.1),
+            "7b/qzo_gptq": {"config": {"device": "cuda"}, "skipped": "gptqmodel is not installed"},
+        },
+    }
+    bench_scale._derived(payload)
+    goals = {g["goal"].split(" peak")[0].split(" (")[0]: g for g in payload["goals"]}
+    assert goals["7b qzo int4"]["status"] == "met" and goals["7b qzo int4"]["value_gb"] == pytest.approx(4.6)
+    assert goals["7b mezo fp16"]["status"] == "not met"
+    step_goal = next(g for g in payload["goals"] if "two forwards <= 1.10" in g["goal"])
+    assert step_goal["value"] == pytest.approx(1.2) and step_goal["worst"] == "7b:mezo_fp16_step_over_two_forwards"
+    assert step_goal["status"] == "not met"
+    assert payload["ratios"]["7b"]["qzo_nf4_peak_over_inference"] == pytest.approx(4.6 / 4.5)
+    # 13b computed from the GPU bytes per parameter (no fixed RSS of imports on a GPU)
+    computed = payload["computed"]["13b/qzo_nf4"]
+    assert computed["fixed_bytes"] == 0 and "step_peak_rss_bytes" not in computed
+    sizes = bench_scale.SCALE_SHAPES
+    expected = 4.6e9 * bench_scale.param_count(sizes["13b"]) / bench_scale.param_count(sizes["7b"])
+    assert computed["step_peak_cuda_allocated_bytes"] == pytest.approx(expected)
+    assert "7b/qzo_gptq" not in payload["computed"]
+    bench_scale.plot_scale(tmp_path / "scale_cuda.png", payload)
+    assert (tmp_path / "scale_cuda.png").stat().st_size > 0
+
+
+def test_merge_refuses_rows_of_the_other_device_and_deadline_skips(tmp_path):
+    (tmp_path / "gpu.json").write_text(json.dumps({"device": "cuda", "points": {}}))
+    proc = zo_bench("scale", "--quick", "--merge", "--name", "gpu", "--out", tmp_path, timeout=120)
+    assert proc.returncode == 2 and "holds cuda rows" in proc.stderr and "Traceback" not in proc.stderr
+    # a deadline already spent: the point is recorded as skipped (no worker started), the run still succeeds
+    proc = zo_bench("scale", "--quick", "--points", "inference_bf16", "--deadline", 1, "--out", tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads((tmp_path / "scale_quick.json").read_text())
+    assert payload["device"] == "cpu" and "deadline" in payload["points"]["tiny/inference_bf16"]["skipped"]
+
+
+def test_fp16_points_build_an_fp16_model():
+    model = bench_scale.build_model(bench_scale.SCALE_SHAPES["tiny"], "fp16")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert bench_scale.POINTS["mezo_fp16"] == ("fp16", "mezo")
+    assert "mezo_fp16" not in bench_scale.QUICK_POINTS["cpu"] and "mezo_fp16" in bench_scale.QUICK_POINTS["cuda"]
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_DEPS), reason="needs a CUDA GPU (run by the lead on the lent GPU machine)")
+def test_quick_scale_on_cuda_through_the_console_script(tmp_path):
+    out = tmp_path / "results"
+    points = "inference_nf4,qzo_nf4,inference_fp16,mezo_fp16,sparse_mezo_fp16,adamw_bf16,qzo_gptq"
+    proc = zo_bench(
+        "scale", "--quick", "--device", "cuda", "--points", points, "--steps", 2, "--paired_timing", "--out", out
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((out / "scale_cuda_quick.json").read_text())
+    assert payload["device"] == "cuda" and (out / "scale_cuda_quick.png").stat().st_size > 0
+    for key, row in payload["points"].items():
+        assert "error" not in row, (key, row.get("error"))
+        if "skipped" in row:  # only GPTQ without gptqmodel
+            assert key == "tiny/qzo_gptq" and "gptqmodel" in row["skipped"]
+            continue
+        assert row["config"]["device"] == "cuda" and row["device"].startswith("cuda")
+        for name in (
+            "cuda_allocated_after_build_bytes",
+            "cuda_build_peak_allocated_bytes",
+            "step_peak_cuda_allocated_bytes",
+            "step_peak_cuda_reserved_bytes",
+        ):
+            assert row[name] > 0, (key, name)
+        assert row["step_peak_cuda_reserved_bytes"] >= row["step_peak_cuda_allocated_bytes"]
+        assert all(t > 0 for t in row["step_seconds"])
+    assert payload["ratios"]["tiny"]["qzo_nf4_step_over_two_forwards"] > 0
+    assert any("14.5 GB" in g["goal"] for g in payload["goals"])

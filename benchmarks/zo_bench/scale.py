@@ -15,13 +15,27 @@ forwards), ``qzo`` / ``mezo`` / ``sparse_mezo`` (``zo_trainer.step.zo_step`` + `
 ``ZOTrainer`` makes, on the library's ``ZOEngine`` and methods) and ``adamw`` (first-order full fine-tuning).
 Configurations that cannot run here are computed from measured bytes per parameter and labelled ``computed``.
 
+``--device cuda`` (same command otherwise): each fresh worker builds the model on meta and materialises it module by
+module directly on the GPU (the int4 points straight into ``Linear4bit`` on CUDA with fp32 ``absmax``, as the QZO
+backend's ``prepare`` wants; never the full-precision model, never on the CPU). Memory is the caching allocator's:
+``cuda_allocated_after_build_bytes`` (the model), ``cuda_build_peak_*`` (the build's peak), then the peak is reset
+and ``step_peak_cuda_allocated_bytes`` / ``step_peak_cuda_reserved_bytes`` cover the steps; times are taken between
+``torch.cuda.synchronize`` calls. GPU rows never mix with CPU rows: they go to their own file stem ``scale_cuda``
+(``scale_cuda_quick`` for --quick), whose payload says ``"device": "cuda"`` (its ratios, computed rows, goals and
+plot use the GPU peak; ``--merge`` refuses a file of the other device) and whose rows carry ``config.device``.
+GPU goals (issue 11): 7b QZO int4 <= 5 GB, 7b MeZO fp16 <= 14.5 GB (the QZO paper's figure), ZO step / two
+forwards <= 1.10. fp16 points (``inference_fp16``, ``mezo_fp16``, ``sparse_mezo_fp16``) are meant for the GPU;
+GPTQ points are skipped (with the reason) where gptqmodel is not installed. ``--deadline`` bounds a whole run.
+
     zo-bench scale --sizes 13b,7b --points inference_nf4,qzo_nf4 --out benchmarks/results
     zo-bench scale --quick          # tiny shape, every point, CI-sized
+    zo-bench scale --device cuda --sizes 7b --points qzo_nf4,mezo_fp16 --steps 3 --paired_timing
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -48,7 +62,16 @@ POINTS: dict[str, tuple[str, str]] = {
     "mezo_bf16": ("bf16", "mezo"),
     "sparse_mezo_bf16": ("bf16", "sparse_mezo"),
     "adamw_bf16": ("bf16", "adamw"),
+    "inference_fp16": ("fp16", "inference"),
+    "mezo_fp16": ("fp16", "mezo"),
+    "sparse_mezo_fp16": ("fp16", "sparse_mezo"),
 }
+# --quick's default points: the CPU keeps its original eight (fp16 is a GPU format); CUDA runs all.
+QUICK_POINTS = {"cpu": [p for p in POINTS if POINTS[p][0] != "fp16"], "cuda": list(POINTS)}
+# The step's peak memory a point is judged by: process RSS on the CPU, the allocator's peak on CUDA.
+PEAK_KEY = {"cpu": "step_peak_rss_bytes", "cuda": "step_peak_cuda_allocated_bytes"}
+# What the process held before building (imports on the CPU; nothing on a fresh GPU): the computed rows' fixed part.
+START_KEY = {"cpu": "rss_start_bytes", "cuda": "cuda_allocated_start_bytes"}
 
 
 # =====================================================================================================
@@ -70,29 +93,67 @@ def _reset_hwm() -> bool:
         return False
 
 
-def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
-    shape_name, weights, mode = config["shape"], config["weights"], config["mode"]
-    steps, batch_size, seq_len = (
-        int(config.get("steps", 1)),
-        int(config.get("batch_size", 1)),
-        int(config.get("seq_len", 128)),
-    )
-    torch.manual_seed(0)
-    rss_start = _status_bytes("VmRSS")
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued kernels (a no-op on the CPU): a timer read after it covers the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds ``fn()`` takes on ``device``, synchronised before and after (CUDA kernels run asynchronously)."""
+    synchronize(device)
     t0 = time.perf_counter()
-    model = build_model(SCALE_SHAPES[shape_name], weights, nf4_init=config.get("nf4_init", "random"))
-    build_seconds = time.perf_counter() - t0
-    malloc_trim()
-    build_peak = _status_bytes("VmHWM")
-    rss_after_build = _status_bytes("VmRSS")
-    stored_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    input_ids = torch.randint(
-        3, SCALE_SHAPES[shape_name]["vocab_size"], (batch_size, seq_len), generator=torch.Generator().manual_seed(1)
-    )
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
 
-    def loss_fn() -> torch.Tensor:
-        return model(input_ids=input_ids, labels=input_ids).loss
 
+class CudaMemoryProbe:
+    """The caching allocator's counters of one CUDA device: what the model, the step's tensors and their peak take
+    (``allocated``), and what the allocator holds from the driver (``reserved``)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset_peak(self) -> None:
+        synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def snapshot(self, prefix: str) -> dict[str, int]:
+        synchronize(self.device)
+        return {
+            f"{prefix}_allocated_bytes": torch.cuda.memory_allocated(self.device),
+            f"{prefix}_reserved_bytes": torch.cuda.memory_reserved(self.device),
+            f"{prefix}_peak_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
+            f"{prefix}_peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+        }
+
+
+def memory_probe(device: torch.device) -> CudaMemoryProbe | None:
+    """The probe of ``device``'s memory: ``None`` for the CPU (RSS from /proc, measured inline), the allocator's
+    counters for CUDA; an error for a device this suite cannot measure."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"--device {device} asked but torch.cuda.is_available() is False (torch {torch.__version__})"
+            )
+        return CudaMemoryProbe(device)
+    raise ValueError(f"zo-bench scale measures cpu or cuda, not {device.type!r}")
+
+
+def _process_rss() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except Exception:  # extra information on CUDA only
+        return 0
+
+
+def _prepare_mode(model: torch.nn.Module, mode: str, loss_fn) -> tuple[Any, dict[str, Any]]:
+    """The function one step of ``mode`` runs (the calls ZOTrainer / a first-order loop make) and its extra info."""
     extra: dict[str, Any] = {}
     if mode == "inference":
 
@@ -131,7 +192,11 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
         params = [p for p in model.parameters() if p.is_floating_point()]
         for p in params:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        if params[0].is_cuda:  # fused: no foreach temporaries the size of the model (7b bf16 must fit in 80 GB)
+            optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+            extra["adamw_impl"] = "fused"
+        else:
+            optimizer = torch.optim.AdamW(params, lr=1e-5)
 
         def run_step() -> None:
             loss_fn().backward()
@@ -139,6 +204,53 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
     else:
         raise ValueError(f"unknown mode {mode!r}")
+    return run_step, extra
+
+
+def _two_forwards_paired(run_step, loss_fn, device: torch.device, times: list[float]) -> list[float]:
+    """Two plain forwards of this same model in this process, after the steps (memory already taken): a ratio
+    that does not mix two processes run at different machine loads. Interleaved with one more step."""
+
+    def two_forwards() -> None:
+        with torch.no_grad():
+            loss_fn()
+            loss_fn()
+
+    forwards = []
+    for _ in range(2):
+        forwards.append(timed(two_forwards, device))
+        if len(forwards) == 1:
+            times.append(timed(run_step, device))
+    return forwards
+
+
+def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
+    device = torch.device(config.get("device", "cpu"))
+    if device.type == "cuda":
+        return _scale_worker_cuda(config, device)
+    shape_name, weights, mode = config["shape"], config["weights"], config["mode"]
+    steps, batch_size, seq_len = (
+        int(config.get("steps", 1)),
+        int(config.get("batch_size", 1)),
+        int(config.get("seq_len", 128)),
+    )
+    torch.manual_seed(0)
+    rss_start = _status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    model = build_model(SCALE_SHAPES[shape_name], weights, nf4_init=config.get("nf4_init", "random"))
+    build_seconds = time.perf_counter() - t0
+    malloc_trim()
+    build_peak = _status_bytes("VmHWM")
+    rss_after_build = _status_bytes("VmRSS")
+    stored_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    input_ids = torch.randint(
+        3, SCALE_SHAPES[shape_name]["vocab_size"], (batch_size, seq_len), generator=torch.Generator().manual_seed(1)
+    )
+
+    def loss_fn() -> torch.Tensor:
+        return model(input_ids=input_ids, labels=input_ids).loss
+
+    run_step, extra = _prepare_mode(model, mode, loss_fn)
     malloc_trim()
     rss_before_steps = _status_bytes("VmRSS")
     hwm_reset = _reset_hwm()
@@ -150,20 +262,7 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
             times.append(time.perf_counter() - t1)
     step_peak = max(sampler.peak, _status_bytes("VmHWM") if hwm_reset else 0)
     if config.get("paired_timing") and mode != "inference":
-        # Two plain forwards of this same model in this process, after the steps (memory already taken): a ratio
-        # that does not mix two processes run at different machine loads. Interleaved with one more step.
-        forwards = []
-        for _ in range(2):
-            t1 = time.perf_counter()
-            with torch.no_grad():
-                loss_fn()
-                loss_fn()
-            forwards.append(time.perf_counter() - t1)
-            if len(forwards) == 1:
-                t1 = time.perf_counter()
-                run_step()
-                times.append(time.perf_counter() - t1)
-        extra["two_forwards_seconds"] = forwards
+        extra["two_forwards_seconds"] = _two_forwards_paired(run_step, loss_fn, device, times)
     return {
         "config": config,
         "param_count": param_count(SCALE_SHAPES[shape_name]),
@@ -178,6 +277,69 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
         "step_peak_sampled_bytes": sampler.peak,
         "lifetime_peak_rss_bytes": _status_bytes("VmHWM") if not hwm_reset else max(build_peak, step_peak),
         "hwm_reset": hwm_reset,
+        "step_seconds": times,
+        **extra,
+    }
+
+
+def _scale_worker_cuda(config: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """One point on a CUDA device: the model built on meta and materialised module by module on the GPU; memory from
+    the caching allocator (peak reset after building), times between ``torch.cuda.synchronize`` calls."""
+    probe = memory_probe(device)
+    if device.index is None:  # set_device and the generators want the index
+        device = probe.device = torch.device("cuda", torch.cuda.current_device())
+    shape_name, weights, mode = config["shape"], config["weights"], config["mode"]
+    steps, batch_size, seq_len = (
+        int(config.get("steps", 1)),
+        int(config.get("batch_size", 1)),
+        int(config.get("seq_len", 128)),
+    )
+    torch.manual_seed(0)
+    torch.cuda.set_device(device)
+    probe.reset_peak()
+    start = probe.snapshot("start")
+    t0 = time.perf_counter()
+    model = build_model(SCALE_SHAPES[shape_name], weights, nf4_init=config.get("nf4_init", "random"), device=device)
+    synchronize(device)
+    build_seconds = time.perf_counter() - t0
+    after_build = probe.snapshot("build")  # build_peak_*: the build's peak; build_allocated: the model
+    off_device = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "cuda"]
+    if off_device:
+        raise RuntimeError(f"tensors not on {device} after building: {off_device[:5]}")
+    stored_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    input_ids = torch.randint(
+        3, SCALE_SHAPES[shape_name]["vocab_size"], (batch_size, seq_len), generator=torch.Generator().manual_seed(1)
+    ).to(device)
+
+    def loss_fn() -> torch.Tensor:
+        return model(input_ids=input_ids, labels=input_ids).loss
+
+    run_step, extra = _prepare_mode(model, mode, loss_fn)
+    before_steps = probe.snapshot("before_steps")
+    torch.cuda.empty_cache()  # reserved then counts what the steps ask for, not the build's leftovers
+    probe.reset_peak()
+    times = [timed(run_step, device) for _ in range(steps)]
+    step = probe.snapshot("step")
+    if config.get("paired_timing") and mode != "inference":
+        extra["two_forwards_seconds"] = _two_forwards_paired(run_step, loss_fn, device, times)
+    return {
+        "config": config,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device),
+        "device_total_memory_bytes": torch.cuda.get_device_properties(device).total_memory,
+        "param_count": param_count(SCALE_SHAPES[shape_name]),
+        "stored_param_numel": sum(p.numel() for p in model.parameters()),
+        "stored_bytes": stored_bytes,
+        "build_seconds": build_seconds,
+        "cuda_allocated_start_bytes": start["start_allocated_bytes"],
+        "cuda_allocated_after_build_bytes": after_build["build_allocated_bytes"],
+        "cuda_reserved_after_build_bytes": after_build["build_reserved_bytes"],
+        "cuda_build_peak_allocated_bytes": after_build["build_peak_allocated_bytes"],
+        "cuda_build_peak_reserved_bytes": after_build["build_peak_reserved_bytes"],
+        "cuda_allocated_before_steps_bytes": before_steps["before_steps_allocated_bytes"],
+        "step_peak_cuda_allocated_bytes": step["step_peak_allocated_bytes"],
+        "step_peak_cuda_reserved_bytes": step["step_peak_reserved_bytes"],
+        "rss_after_steps_bytes": _process_rss(),  # host memory, extra information
         "step_seconds": times,
         **extra,
     }
@@ -209,17 +371,22 @@ def _derived(payload: dict[str, Any]) -> None:
     """Ratios, computed rows and the issue's goals from the measured points (in place)."""
     measured = payload["points"]
     sizes = payload["sizes"]
+    device = payload.get("device", "cpu")
+    peak_key = PEAK_KEY[device]
     for key, row in measured.items():  # the model's parameters, not the packed storage (rows of schema 1 drafts)
         row["param_count"] = param_count(SCALE_SHAPES[key.split("/")[0]])
         row.pop("param_count_config", None)
 
+    def ran(row) -> bool:
+        return bool(row) and "error" not in row and "skipped" not in row
+
     def peak(size, point):
         row = measured.get(_point_key(size, point))
-        return row["step_peak_rss_bytes"] if row and "error" not in row else None
+        return row[peak_key] if ran(row) else None
 
     def seconds(size, point):
         row = measured.get(_point_key(size, point))
-        return min(row["step_seconds"]) if row and "error" not in row else None
+        return min(row["step_seconds"]) if ran(row) else None
 
     ratios: dict[str, dict[str, Any]] = {}
     for size in sizes:
@@ -228,13 +395,14 @@ def _derived(payload: dict[str, Any]) -> None:
             ("nf4", ["qzo_nf4"]),
             ("gptq", ["qzo_gptq"]),
             ("bf16", ["mezo_bf16", "sparse_mezo_bf16"]),
+            ("fp16", ["mezo_fp16", "sparse_mezo_fp16"]),
         ):
             base_peak, base_time = peak(size, f"inference_{weights}"), seconds(size, f"inference_{weights}")
             for point in zo_points:
                 if base_peak and peak(size, point):
                     r[f"{point}_peak_over_inference"] = peak(size, point) / base_peak
                 row = measured.get(_point_key(size, point)) or {}
-                if row.get("two_forwards_seconds") and "error" not in row:  # same process: preferred
+                if row.get("two_forwards_seconds") and ran(row):  # same process: preferred
                     r[f"{point}_step_over_two_forwards"] = min(row["step_seconds"]) / min(row["two_forwards_seconds"])
                     r[f"{point}_step_over_two_forwards_source"] = "same process (--paired_timing)"
                 elif base_time and seconds(size, point):
@@ -251,13 +419,13 @@ def _derived(payload: dict[str, Any]) -> None:
         if not have:
             continue
         src = max(have, key=lambda s: param_count(SCALE_SHAPES[s]))
-        fixed = measured[_point_key(src, point)]["rss_start_bytes"]
+        fixed = measured[_point_key(src, point)][START_KEY[device]]
         per_param = (peak(src, point) - fixed) / param_count(SCALE_SHAPES[src])
         for size in SCALE_SHAPES:
             if size == "tiny" or peak(size, point):
                 continue
             computed[_point_key(size, point)] = {
-                "step_peak_rss_bytes": fixed + per_param * param_count(SCALE_SHAPES[size]),
+                peak_key: fixed + per_param * param_count(SCALE_SHAPES[size]),
                 "computed_from": _point_key(src, point),
                 "bytes_per_param": per_param,
                 "fixed_bytes": fixed,
@@ -270,8 +438,45 @@ def _derived(payload: dict[str, Any]) -> None:
         if p:
             return p, "measured"
         row = computed.get(_point_key(size, point))
-        return (row["step_peak_rss_bytes"], "computed") if row else (None, "not measured")
+        return (row[peak_key], "computed") if row else (None, "not measured")
 
+    payload["goals"] = (_goals_cuda if device == "cuda" else _goals_cpu)(ratios, peak, any_peak)
+
+
+def _goals_cuda(ratios: dict[str, dict[str, Any]], peak, any_peak) -> list[dict[str, Any]]:
+    """Issue 11's GPU goals: peak = torch.cuda.max_memory_allocated during the step."""
+    goals = []
+    for goal, size, points, limit in (
+        ("7b qzo int4 peak GPU memory <= 5 GB", "7b", ("qzo_nf4", "qzo_gptq"), 5.0),
+        ("7b mezo fp16 peak GPU memory <= 14.5 GB (QZO paper's MeZO figure)", "7b", ("mezo_fp16",), 14.5),
+    ):
+        options = [(peak(size, p), p) for p in points if peak(size, p)]
+        if options:
+            best, point = min(options)
+            status = "met" if best <= limit * 1e9 else "not met"
+            goals.append({"goal": goal, "value_gb": best / 1e9, "point": point, "status": status})
+        else:
+            goals.append({"goal": goal, "status": "not measured"})
+    adamw, adamw_how = any_peak("7b", "adamw_bf16")
+    qzo7 = peak("7b", "qzo_nf4") or peak("7b", "qzo_gptq")
+    goal = "7b GPU (AdamW bf16 full FT) / (QZO int4)"
+    if adamw and qzo7:
+        goals.append({"goal": goal, "value": adamw / qzo7, "status": f"measured (AdamW {adamw_how})"})
+    else:
+        goals.append({"goal": goal, "status": "not measured"})
+    step_ratios = [
+        (v, f"{s}:{k}") for s, r in ratios.items() for k, v in r.items() if k.endswith("_step_over_two_forwards")
+    ]
+    goal = "GPU ZO step / two forwards <= 1.10 (every optim, every measured size)"
+    if step_ratios:
+        value, where = max(step_ratios)
+        goals.append({"goal": goal, "value": value, "worst": where, "status": "met" if value <= 1.10 else "not met"})
+    else:
+        goals.append({"goal": goal, "status": "not measured"})
+    return goals
+
+
+def _goals_cpu(ratios: dict[str, dict[str, Any]], peak, any_peak) -> list[dict[str, Any]]:
     goals = []
     for size, limit in (("13b", 12), ("7b", 6)):
         options = [(peak(size, p), p) for p in ("qzo_nf4", "qzo_gptq") if peak(size, p)]
@@ -334,7 +539,7 @@ def _derived(payload: dict[str, Any]) -> None:
             "status": ("met" if mezo <= 1.15 else "not met") if mezo else "not measured",
         }
     )
-    payload["goals"] = goals
+    return goals
 
 
 def plot_scale(path: Path, payload: dict[str, Any]) -> None:
@@ -343,20 +548,22 @@ def plot_scale(path: Path, payload: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    device = payload.get("device", "cpu")
+    peak_key = PEAK_KEY[device]
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for point in POINTS:
         measured, computed = [], []
         for size in SCALE_SHAPES:
             row = payload["points"].get(_point_key(size, point))
-            if row and "error" not in row:
-                measured.append((param_count(SCALE_SHAPES[size]), row["step_peak_rss_bytes"] / 1e9))
+            if row and "error" not in row and "skipped" not in row:
+                measured.append((param_count(SCALE_SHAPES[size]), row[peak_key] / 1e9))
             row = payload["computed"].get(_point_key(size, point))
             if row:
-                computed.append((param_count(SCALE_SHAPES[size]), row["step_peak_rss_bytes"] / 1e9))
+                computed.append((param_count(SCALE_SHAPES[size]), row[peak_key] / 1e9))
         if not measured and not computed:
             continue
         style = ":" if point.startswith("inference") else "-"
-        marker = {"nf4": "o", "gptq": "s", "bf16": "^"}[POINTS[point][0]]
+        marker = {"nf4": "o", "gptq": "s", "bf16": "^", "fp16": "v"}[POINTS[point][0]]
         if measured:
             (line,) = ax.plot(*zip(*measured), marker=marker, ls=style, label=point)
         else:
@@ -365,22 +572,25 @@ def plot_scale(path: Path, payload: dict[str, Any]) -> None:
             joined = sorted(measured + computed)
             ax.plot(*zip(*joined), ls="--", color=line.get_color(), alpha=0.5)
             ax.plot(*zip(*computed), marker=marker, ls="none", mfc="none", color=line.get_color(), alpha=0.7)
-    ax.axhline(24, color="red", lw=1)
-    ax.annotate(
-        "24 GB (this machine's RAM = the paper's GPU)",
-        xy=(0.99, 24),
-        xycoords=("axes fraction", "data"),
-        ha="right",
-        va="bottom",
-        color="red",
-        fontsize=8,
-    )
+    if device == "cuda":
+        total = max((r.get("device_total_memory_bytes", 0) for r in payload["points"].values()), default=0)
+        lines = [(total / 1e9, f"{total / 1e9:.0f} GB (this GPU)")] if total else []
+        lines += [(14.5, "14.5 GB (goal: 7b MeZO fp16)"), (5, "5 GB (goal: 7b QZO int4)")]
+        ylabel, where = "peak GPU memory allocated during the step (GB)", "CUDA"
+    else:
+        lines = [(24, "24 GB (this machine's RAM = the paper's GPU)")]
+        ylabel, where = "peak RSS during the step (GB)", "CPU"
+    for y, text in lines:
+        ax.axhline(y, color="red", lw=1)
+        ax.annotate(
+            text, xy=(0.99, y), xycoords=("axes fraction", "data"), ha="right", va="bottom", color="red", fontsize=8
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("parameters (Llama shapes: 1.1B, 3.4B, 6.7B, 13B)")
-    ax.set_ylabel("peak RSS during the step (GB)")
+    ax.set_ylabel(ylabel)
     ax.set_title(
-        f"Peak memory vs model size, CPU, batch {payload['batch_size']} x {payload['seq_len']}\n"
+        f"Peak memory vs model size, {where}, batch {payload['batch_size']} x {payload['seq_len']}\n"
         "filled markers, solid: measured; hollow markers, dashed: computed from measured bytes/parameter",
         fontsize=9,
     )
@@ -405,7 +615,12 @@ def run_scale(
     nf4_init: str,
     merge: bool,
     paired_timing: bool = False,
+    device: str = "cpu",
+    deadline: float | None = None,
 ) -> dict[str, Any]:
+    """Every (size, point) in a fresh worker; ``deadline`` (seconds for the whole run) caps each point's timeout and
+    leaves the points it does not reach unmeasured (``skipped``), so that a run cut short keeps what it measured."""
+    end = time.monotonic() + deadline if deadline else None
     json_path, png_path = out / f"{name}.json", out / f"{name}.png"
     payload: dict[str, Any] = {"points": {}}
     if merge and json_path.exists():
@@ -413,6 +628,7 @@ def run_scale(
     payload.update(
         {
             "suite": "scale",
+            "device": device,
             "schema_version": SCHEMA_VERSION,
             "environment": environment(),
             "load_average": os.getloadavg(),
@@ -429,6 +645,7 @@ def run_scale(
         for point in points:
             weights, mode = POINTS[point]
             config = {
+                **({"device": device} if device != "cpu" else {}),  # the CPU rows keep their original layout
                 "paired_timing": paired_timing,
                 "shape": size,
                 "weights": weights,
@@ -439,37 +656,69 @@ def run_scale(
                 "threads": threads,
                 "nf4_init": nf4_init,
             }
-            log_line(f"scale {size}/{point} ...")
+            key = _point_key(size, point)
+            log_line(f"scale {key} on {device} ...")
+            left = end - time.monotonic() if end else timeout
+            skip = _skip_reason(weights, left)
+            if skip:
+                log_line(f"  skipped: {skip}")
+                if key not in payload["points"] or "skipped" in payload["points"][key]:  # never hide a measured row
+                    payload["points"][key] = {"config": config, "skipped": skip}
+                    _update(payload, json_path)
+                continue
             try:
-                row = _spawn(config, timeout, nice)
+                row = _spawn(config, min(timeout, left), nice)
                 row["load_average_after"] = os.getloadavg()
+                build_peak = row.get("build_peak_rss_bytes", row.get("cuda_build_peak_allocated_bytes", 0))
                 log_line(
-                    f"  build peak {row['build_peak_rss_bytes'] / 1e9:.2f} GB, step peak "
-                    f"{row['step_peak_rss_bytes'] / 1e9:.2f} GB, steps {row['step_seconds']}"
+                    f"  build peak {build_peak / 1e9:.2f} GB, step peak "
+                    f"{row[PEAK_KEY[device]] / 1e9:.2f} GB, steps {row['step_seconds']}"
                 )
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 row = {"config": config, "error": str(e)[-1500:]}
                 log_line(f"  failed: {str(e)[-300:]}")
-            payload["points"][_point_key(size, point)] = row
-            payload["sizes"] = sorted(
-                {k.split("/")[0] for k in payload["points"]}, key=lambda s: param_count(SCALE_SHAPES[s])
-            )
-            _derived(payload)
-            write_json(json_path, payload)  # after every point: a long run keeps what it measured
+            payload["points"][key] = row
+            _update(payload, json_path)
+            if device != "cpu":  # a GPU run may be cut off from outside: its plot follows every point
+                plot_scale(png_path, payload)
     plot_scale(png_path, payload)
     return payload
+
+
+def _skip_reason(weights: str, seconds_left: float) -> str | None:
+    """Why a point is not run: its weights need a package this environment lacks, or the run's deadline passed."""
+    if weights == "gptq" and importlib.util.find_spec("gptqmodel") is None:
+        return "gptqmodel is not installed"
+    if seconds_left < 5:
+        return "the run's --deadline was reached before this point"
+    return None
+
+
+def _update(payload: dict[str, Any], json_path: Path) -> None:
+    payload["sizes"] = sorted({k.split("/")[0] for k in payload["points"]}, key=lambda s: param_count(SCALE_SHAPES[s]))
+    _derived(payload)
+    write_json(json_path, payload)  # after every point: a long run keeps what it measured
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zo-bench scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="tiny shape (--sizes ignored), every point unless --points")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny shape (--sizes ignored), every point of the device unless --points"
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu: peak RSS; cuda: the model built on the GPU, peak torch.cuda.max_memory_allocated (file stem "
+        "scale_cuda)",
+    )
     p.add_argument("--sizes", default="1b", help=f"comma-separated shapes from {list(SCALE_SHAPES)}")
     p.add_argument(
         "--points",
         default=None,
-        help=f"comma-separated points from {list(POINTS)} (default inference_nf4,qzo_nf4; --quick: all)",
+        help=f"comma-separated points from {list(POINTS)} (default inference_nf4,qzo_nf4; --quick: all, less fp16 on the CPU)",
     )
     p.add_argument("--steps", type=int, default=1, help="steps per point (two forwards each)")
     p.add_argument("--batch_size", type=int, default=1)
@@ -477,9 +726,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each worker")
     p.add_argument("--nice", type=int, default=5, help="niceness of each worker")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per point")
+    p.add_argument(
+        "--deadline", type=float, default=None, help="seconds for the whole run: later points are skipped, not run"
+    )
     p.add_argument("--nf4_init", choices=["random", "quantize"], default="random")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--name", default=None, help="file stem of the JSON / PNG (default scale, scale_quick)")
+    p.add_argument(
+        "--name", default=None, help="file stem of the JSON / PNG (default scale, scale_quick; scale_cuda[_quick])"
+    )
     p.add_argument(
         "--paired_timing",
         action="store_true",
@@ -494,13 +748,21 @@ def main_scale(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     sizes = ["tiny"] if args.quick else args.sizes.split(",")
-    points = args.points.split(",") if args.points else (list(POINTS) if args.quick else ["inference_nf4", "qzo_nf4"])
+    default_points = QUICK_POINTS[args.device] if args.quick else ["inference_nf4", "qzo_nf4"]
+    points = args.points.split(",") if args.points else default_points
     bad = [s for s in sizes if s not in SCALE_SHAPES] + [p for p in points if p not in POINTS]
     if bad:
         parser.error(f"unknown size/point {bad}: sizes {list(SCALE_SHAPES)}, points {list(POINTS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch.cuda.is_available() is False here (torch {torch.__version__})")
     out = Path(args.out)
+    name = args.name or ("scale" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else ""))
+    json_path = out / f"{name}.json"
+    if args.merge and json_path.exists():
+        merged_device = json.loads(json_path.read_text()).get("device", "cpu")
+        if merged_device != args.device:
+            parser.error(f"--merge: {json_path} holds {merged_device} rows, this run is --device {args.device}")
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name or ("scale_quick" if args.quick else "scale")
     payload = run_scale(
         out,
         sizes,
@@ -515,6 +777,8 @@ def main_scale(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         args.nf4_init,
         args.merge,
         args.paired_timing,
+        args.device,
+        args.deadline,
     )
     failed = [k for k, v in payload["points"].items() if "error" in v and k.split("/")[1] in points]
     for goal in payload["goals"]:

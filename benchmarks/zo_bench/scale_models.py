@@ -90,7 +90,7 @@ def param_count(shape: dict[str, int]) -> int:
 # =====================================================================================================
 # building (meta device, then one module at a time)
 # =====================================================================================================
-def _nf4_linear(linear: nn.Linear, init: str, generator: torch.Generator) -> nn.Module:
+def _nf4_linear(linear: nn.Linear, init: str, generator: torch.Generator, device: torch.device) -> nn.Module:
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState, get_4bit_type, quantize_4bit
 
@@ -99,17 +99,17 @@ def _nf4_linear(linear: nn.Linear, init: str, generator: torch.Generator) -> nn.
         in_f, out_f, bias=False, compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4", device="meta"
     )
     if init == "quantize":
-        weight = torch.empty(out_f, in_f).normal_(0.0, 0.02, generator=generator)
+        weight = torch.empty(out_f, in_f, device=device).normal_(0.0, 0.02, generator=generator)
         packed, state = quantize_4bit(weight, blocksize=NF4_BLOCKSIZE, compress_statistics=False, quant_type="nf4")
         del weight
     else:  # the same tensors as quantize_4bit returns, with random codes and block maxima of N(0, 0.02)
         numel = out_f * in_f
-        packed = torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, generator=generator)
-        absmax = torch.empty(math.ceil(numel / NF4_BLOCKSIZE)).uniform_(0.04, 0.06, generator=generator)
+        packed = torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, generator=generator, device=device)
+        absmax = torch.empty(math.ceil(numel / NF4_BLOCKSIZE), device=device).uniform_(0.04, 0.06, generator=generator)
         state = QuantState(
             absmax=absmax,
             shape=torch.Size([out_f, in_f]),
-            code=get_4bit_type("nf4", device="cpu"),
+            code=get_4bit_type("nf4", device=device),
             blocksize=NF4_BLOCKSIZE,
             quant_type="nf4",
             dtype=torch.float32,
@@ -128,7 +128,7 @@ def _nf4_linear(linear: nn.Linear, init: str, generator: torch.Generator) -> nn.
     return layer
 
 
-def _gptq_linear(linear: nn.Linear, generator: torch.Generator) -> nn.Module:
+def _gptq_linear(linear: nn.Linear, generator: torch.Generator, device: torch.device) -> nn.Module:
     from zo_trainer.quant.gptq import set_cpu_workers
 
     set_cpu_workers()
@@ -153,40 +153,57 @@ def _gptq_linear(linear: nn.Linear, generator: torch.Generator) -> nn.Module:
     layer.g_idx.copy_(torch.arange(in_f, dtype=torch.int32) // GPTQ_GROUP_SIZE)
     if hasattr(layer, "post_init"):
         layer.post_init()
-    return layer
+    return layer.to(device)  # built on the CPU (one projection at a time), then moved
 
 
-def build_model(shape: dict[str, int], weights: str, seed: int = 0, nf4_init: str = "random") -> nn.Module:
-    """A random Llama of ``shape``: ``weights`` = bf16 (dense) | nf4 | gptq (int4 projections, fp32 rest).
+DENSE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-    Built on the meta device; each module is then materialised on its own (an int4 projection straight into its
-    4-bit layer), so the peak while building is the model plus one projection.
+
+def build_model(
+    shape: dict[str, int],
+    weights: str,
+    seed: int = 0,
+    nf4_init: str = "random",
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """A random Llama of ``shape`` on ``device``: ``weights`` = bf16 | fp16 (dense) | nf4 | gptq (int4 projections,
+    fp32 rest).
+
+    Built on the meta device; each module is then materialised on its own directly on ``device`` (an int4
+    projection straight into its 4-bit layer), so the peak while building is the model plus one projection.
     """
     from transformers import AutoModelForCausalLM
 
     config = llama_scale_config(shape)
-    dtype = torch.bfloat16 if weights == "bf16" else torch.float32
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = DENSE_DTYPES.get(weights, torch.float32)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)  # random values drawn where they live
+    cpu_generator = generator if device.type == "cpu" else torch.Generator().manual_seed(seed)  # GPTQ: CPU-built
     lm_head = model.get_output_embeddings()
     for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
         if isinstance(module, nn.Linear) and module is not lm_head and weights in ("nf4", "gptq"):
-            layer = _nf4_linear(module, nf4_init, generator) if weights == "nf4" else _gptq_linear(module, generator)
+            if weights == "nf4":
+                layer = _nf4_linear(module, nf4_init, generator, device)
+            else:
+                layer = _gptq_linear(module, cpu_generator, device)
             setattr(model.get_submodule(parent_name), child, layer)
             continue
         for pname, param in list(module.named_parameters(recurse=False)):
             if not param.is_meta:
                 continue
-            value = torch.empty(param.shape, dtype=param.dtype)
+            value = torch.empty(param.shape, dtype=param.dtype, device=device)
             if "norm" in type(module).__name__.lower():
                 value.fill_(1.0)
             else:
                 value.normal_(0.0, 0.02, generator=generator)
             setattr(module, pname, nn.Parameter(value, requires_grad=False))
     rotary = model.model.rotary_emb
-    with torch.device("cpu"):  # its inv_freq buffer is computed in __init__, not a parameter to initialise
+    with device:  # its inv_freq buffer is computed in __init__, not a parameter to initialise
         model.model.rotary_emb = type(rotary)(config=config)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

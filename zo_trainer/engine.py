@@ -7,7 +7,8 @@ Perturbation happens *inside the forward pass*: just before a module that reads 
 engine rebinds the target to ``w + eps * z`` (a temporary built in a reusable scratch buffer) and
 rebinds the original tensor right after. Stored weights are never modified by a perturbation, so
 restoring is exact in every dtype (MeZO's in-place +e, -2e, +e scheme drifts in fp16/bf16), and only
-one layer-sized temporary exists at a time.
+one layer-sized temporary exists at a time. Under z scheme 2 not even that for the largest tensor, the embedding
+(tied lm_head): its modules run on perturbed rows built a few MB at a time (``_embedding_rows``, ``_linear_rows``).
 
 z is never stored: it is drawn again from its seed for each use (+eps pass, -eps pass, update). On CPU (z scheme 2)
 it is drawn in cache-sized blocks, each used at once, so z costs one write of the perturbed copy per pass rather than
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -101,13 +103,16 @@ class _Scratch:
         self._buffers: dict[tuple[torch.dtype, torch.device, str], torch.Tensor] = {}
 
     def get(self, like: torch.Tensor, slot: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or like.dtype
-        key = (dtype, like.device, slot)
+        return self.take(like.shape, dtype or like.dtype, like.device, slot)
+
+    def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device, slot: str) -> torch.Tensor:
+        numel = math.prod(shape)
+        key = (dtype, device, slot)
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < like.numel():
-            buffer = torch.empty(like.numel(), dtype=dtype, device=like.device)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buffer
-        return buffer[: like.numel()].view(like.shape)
+        return buffer[:numel].view(shape)
 
 
 class ZOEngine:
@@ -135,6 +140,10 @@ class ZOEngine:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._active: tuple[int, float] | None = None  # (step seed, signed eps) while perturbed.
         self._swapped: dict[int, torch.Tensor] = {}  # target index -> original tensor
+        self.row_blocked = self.ROW_BLOCKED
+        self._row_pending: dict[nn.Module, tuple[ZOTarget, str]] = {}  # module -> (target, kind) until its output
+        # The vocab projection is told apart from other Linears by its row count: that of an embedding target.
+        self._vocab_sizes = {m.num_embeddings for m in self._by_module if isinstance(m, nn.Embedding)}
         self.mask_fraction_sum: torch.Tensor | None = None  # Sum over updates of the updated fraction.
         self.num_updates = 0
         self.thresholds_fixed = False  # Set once Sparse-MeZO thresholds are computed or restored.
@@ -161,16 +170,35 @@ class ZOEngine:
             if target.index in self._swapped:
                 continue  # Tied tensor already perturbed by an earlier module of this forward.
             original = target.get()
+            kind = self._row_kind(module, original) if args else None  # The post-forward hook needs the input.
+            if kind is not None:  # The post-forward hook computes the output; no perturbed copy of the tensor.
+                self._row_pending[module] = (target, kind)
+                if kind == "linear":  # A 0-row stand-in makes the module's own matmul free.
+                    self._swapped[target.index] = original
+                    target.set(original.new_empty((0, original.shape[1])))
+                continue
             perturbed = self._perturbed_tensor(target, original, step_seed, signed_eps)
             self._swapped[target.index] = original
             target.set(perturbed)
 
-    def _post_forward(self, module: nn.Module, args: tuple, output) -> None:
+    def _post_forward(self, module: nn.Module, args: tuple, output):
         if self._active is None:
-            return
+            return None
+        result = None
+        pending = self._row_pending.pop(module, None)
+        if pending is not None:
+            target, kind = pending
+            step_seed, signed_eps = self._active
+            if kind == "embedding":
+                result = self._embedding_rows(target, target.get(), args[0], step_seed, signed_eps)
+            else:
+                original = self._swapped.pop(target.index)
+                target.set(original)
+                result = self._linear_rows(target, original, args[0], step_seed, signed_eps)
         for target in self._by_module[module]:
             if len(target.modules) == 1 and target.index in self._swapped:
                 target.set(self._swapped.pop(target.index))
+        return result
 
     def _restore_all(self) -> None:
         for target in self.targets:
@@ -269,13 +297,16 @@ class ZOEngine:
         """``fn(start, stop, slot)`` for each NOISE_BLOCK-sized block of a flat tensor: contiguous runs of blocks
         go to the noise threads, ``slot`` (the run's index) picks a thread's generator."""
         block = self.NOISE_BLOCK
-        num_blocks = -(-numel // block)
-        runs = max(1, min(self.num_noise_threads, num_blocks))
-        bounds = [num_blocks * i // runs for i in range(runs + 1)]
+        self._in_runs(-(-numel // block), lambda index, slot: fn(index * block, min(numel, (index + 1) * block), slot))
+
+    def _in_runs(self, count: int, fn: Callable[[int, int], None]) -> None:
+        """``fn(index, slot)`` for ``index`` in ``range(count)``, split into contiguous runs over the noise threads."""
+        runs = max(1, min(self.num_noise_threads, count))
+        bounds = [count * i // runs for i in range(runs + 1)]
 
         def work(run: int) -> None:
             for index in range(bounds[run], bounds[run + 1]):
-                fn(index * block, min(numel, (index + 1) * block), run)
+                fn(index, run)
 
         if runs == 1:
             work(0)
@@ -337,15 +368,118 @@ class ZOEngine:
         flat_out, flat_original = out.view(-1), original.view(-1)
 
         def block(start: int, stop: int, slot: int) -> None:
-            z, values = self._block_noise(seed, start, flat_out[start:stop], slot), flat_original[start:stop]
-            if target.threshold is None:
-                torch.add(values, z, alpha=signed_eps, out=z)
-            else:
-                mask = self._block_mask(target, values, slot)
-                torch.addcmul(values, z, mask, value=signed_eps, out=z)
+            z = self._block_noise(seed, start, flat_out[start:stop], slot)
+            self._perturb_block(target, flat_original[start:stop], z, signed_eps, slot)
 
         self._for_each_block(flat_out.numel(), block)
         return out
+
+    def _perturb_block(
+        self, target: ZOTarget, values: torch.Tensor, z: torch.Tensor, signed_eps: float, slot: int
+    ) -> torch.Tensor:
+        """``values + eps * z (* mask)`` over one whole block, written over z. Always whole blocks at their own
+        offsets: the vectorised kernels then split every block alike, so each entry comes out bit for bit the same
+        whichever path (full copy, rows, chunks) asked for it."""
+        if target.threshold is None:
+            return torch.add(values, z, alpha=signed_eps, out=z)
+        return torch.addcmul(values, z, self._block_mask(target, values, slot), value=signed_eps, out=z)
+
+    # ----- row-blocked perturbation of the vocabulary tensors ---------------------------------------------------
+    # The embedding / lm_head is the largest tensor of a small LM (a tied 49152 x 576 one is 113 MB in fp32, a 128256
+    # x 2048 one 1 GB): a perturbed copy of it would be most of a ZO step's memory above inference. Under z scheme 2
+    # (CPU, contiguous) z of any entry range comes from the blocks covering it alone, so these modules are run on
+    # perturbed rows built a few MB at a time instead. ZO_TRAINER_ROW_BLOCKED=0 turns it off (memory comparisons).
+    ROW_BLOCKED = os.environ.get("ZO_TRAINER_ROW_BLOCKED", "1") != "0"
+    ROW_CHUNK_BYTES = 4 << 20  # Perturbed lm_head rows per matmul; smaller tensors take the whole-tensor path.
+
+    def _row_sized(self, tensor: torch.Tensor) -> bool:
+        return self.row_blocked and tensor.numel() * tensor.element_size() > self.ROW_CHUNK_BYTES
+
+    def _row_kind(self, module: nn.Module, original: torch.Tensor) -> str | None:
+        """How ``module``'s output is computed from perturbed rows ("embedding", "linear"), or None: the full path."""
+        if (
+            not (self._row_sized(original) and self._blocked(original) and original.dim() == 2)
+            or torch.is_grad_enabled()
+        ):
+            return None  # Grad mode: the out= matmuls below cannot be recorded (ZO passes run under no_grad).
+        weight = module._parameters.get("weight")
+        if weight is None or weight.data_ptr() != original.data_ptr() or "forward" in module.__dict__:
+            return None  # Not the module's weight, or a wrapped forward whose output we must not replace.
+        if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
+            return "embedding" if module.max_norm is None else None  # max_norm renormalises the weight in place.
+        if (
+            isinstance(module, nn.Linear)
+            and type(module).forward is nn.Linear.forward
+            and module.bias is None
+            and module.out_features in self._vocab_sizes
+        ):
+            return "linear"
+        return None
+
+    def _embedding_rows(
+        self, target: ZOTarget, weight: torch.Tensor, ids: torch.Tensor, step_seed: int, signed_eps: float
+    ) -> torch.Tensor:
+        """``embedding(ids, w + eps * z)`` from the rows the batch reads: the z blocks covering them are drawn and
+        perturbed whole (as the full path does), and only those rows' pieces are copied out."""
+        seed, block = target_seed(step_seed, target.index), self.NOISE_BLOCK
+        numel, width = weight.numel(), weight.shape[1]
+        rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        picked = self._scratch.take((rows.numel(), width), weight.dtype, weight.device, "rows")
+        # The pieces of the rows in each block (a row may straddle blocks): [lo, hi) in the flat tensor, and where
+        # they go in ``picked``. Rows are sorted, so the pieces come grouped by block, in block order.
+        starts = rows[:, None] * width
+        blocks = starts // block + torch.arange((width + block - 2) // block + 1, device=rows.device)
+        lo, hi = torch.maximum(starts, blocks * block), torch.minimum(starts + width, (blocks + 1) * block)
+        into = torch.arange(rows.numel(), device=rows.device)[:, None] * width + lo - starts
+        piece = lo < hi
+        touched, counts = torch.unique_consecutive(blocks[piece], return_counts=True)
+        lo, hi, into = (values[piece].tolist() for values in (lo, hi, into))
+        touched, ends = touched.tolist(), torch.cumsum(counts, 0).tolist()
+        flat, flat_picked = weight.view(-1), picked.view(-1)
+
+        def fill(index: int, slot: int) -> None:
+            start = touched[index] * block
+            stop = min(numel, start + block)
+            z = self._scratch.take((block,), weight.dtype, weight.device, f"rowz{slot}")[: stop - start]
+            self._perturb_block(target, flat[start:stop], self._block_noise(seed, start, z, slot), signed_eps, slot)
+            for k in range(ends[index - 1] if index else 0, ends[index]):  # A copy per row piece, not per entry.
+                flat_picked[into[k] : into[k] + hi[k] - lo[k]].copy_(z[lo[k] - start : hi[k] - start])
+
+        self._in_runs(len(touched), fill)
+        return picked.index_select(0, inverse.view(-1)).view(*ids.shape, width)
+
+    def _linear_rows(
+        self, target: ZOTarget, weight: torch.Tensor, x: torch.Tensor, step_seed: int, signed_eps: float
+    ) -> torch.Tensor:
+        """``linear(x, w + eps * z)`` in row chunks: each chunk's perturbed rows are built (whole z blocks, as the
+        full path) in a small buffer and multiplied straight into their columns of the output. A row cut by the
+        chunk's end is carried to the start of the next chunk, so every block is drawn once."""
+        seed, block = target_seed(step_seed, target.index), self.NOISE_BLOCK
+        (num_rows, width), numel = weight.shape, weight.numel()
+        blocks_per_chunk = max(1, self.ROW_CHUNK_BYTES // (block * weight.element_size()))
+        chunk = self._scratch.take((width + blocks_per_chunk * block,), weight.dtype, weight.device, "chunk")
+        inputs = x.reshape(-1, width)
+        out = torch.empty((inputs.shape[0], num_rows), dtype=weight.dtype, device=weight.device)
+        flat = weight.view(-1)
+        carry = row = 0  # Entries of a cut row at the chunk's start; the chunk's first row.
+        for first in range(0, -(-numel // block), blocks_per_chunk):
+            base, end = first * block, min(numel, (first + blocks_per_chunk) * block)
+
+            def fill(index: int, slot: int, base: int = base, end: int = end, carry: int = carry) -> None:
+                start = base + index * block
+                stop = min(end, start + block)
+                z = self._block_noise(seed, start, chunk[carry + start - base : carry + stop - base], slot)
+                self._perturb_block(target, flat[start:stop], z, signed_eps, slot)
+
+            self._in_runs(-(-(end - base) // block), fill)
+            filled = carry + end - base
+            full = filled // width
+            if full:
+                rows = chunk[: full * width].view(full, width)
+                torch.mm(inputs, rows.t(), out=out[:, row : row + full])
+                chunk[: filled - full * width].copy_(chunk[full * width : filled])  # Disjoint: the rest < width.
+            row, carry = row + full, filled - full * width
+        return out.view(*x.shape[:-1], num_rows)
 
     @contextlib.contextmanager
     def perturbed(self, step_seed: int, signed_eps: float) -> Iterator[None]:
@@ -357,6 +491,7 @@ class ZOEngine:
             yield
         finally:
             self._active = None
+            self._row_pending.clear()
             self._restore_all()
 
     # ----- update ------------------------------------------------------------------------------
@@ -411,12 +546,19 @@ class ZOEngine:
         """``update`` of one target, block by block (same float operations per entry); returns the masked count."""
         seeds = [target_seed(step_seed, target.index) for step_seed in step_seeds]
         flat = tensor.view(-1)
-        flat_z = self._noise_buffer(target, tensor).view(-1)
+        # z of a large tensor goes into block-sized buffers per thread: a tensor-sized one would stay resident
+        # between steps, which the row paths avoid. A small tensor reuses its (tensor-sized) perturbation buffer.
+        flat_z = None if self._row_sized(tensor) else self._noise_buffer(target, tensor).view(-1)
         counts: list[list[torch.Tensor]] = [[] for _ in range(self.num_noise_threads)]
         decay = -lr * target.weight_decay if target.weight_decay and lr else 0.0
 
         def block(start: int, stop: int, slot: int) -> None:
-            values, scratch = flat[start:stop], flat_z[start:stop]
+            if flat_z is None:
+                scratch = self._scratch.take((self.NOISE_BLOCK,), tensor.dtype, tensor.device, f"rowz{slot}")
+                scratch = scratch[: stop - start]
+            else:
+                scratch = flat_z[start:stop]
+            values = flat[start:stop]
             mask = None
             if target.threshold is not None:  # From the values before this update, as in the forward passes.
                 mask = self._block_mask(target, values, slot)

@@ -1,0 +1,146 @@
+"""Row-blocked perturbation of the embedding and the vocab projection (z scheme 2, CPU): the embedding is looked up
+from perturbed copies of the rows the batch reads, the lm_head multiplies chunk by chunk, so no perturbed copy of
+either exists. ``engine.row_blocked = False`` is the whole-tensor path, the reference here."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from conftest import make_tiny_llama
+from zo_trainer.engine import ZOEngine, perturbation_seed, projected_gradient
+from zo_trainer.methods import MeZO
+from zo_trainer.optim import ZOOptimizer
+from zo_trainer.step import zo_step
+from zo_trainer.training_args import ZOTrainingArguments
+
+# Hidden 48 with 256-entry blocks: rows straddle block ends. Ids repeat, and leave most rows unread.
+VOCAB, HIDDEN, BLOCK = 400, 48, 256
+IDS = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
+
+
+def tiny(tied: bool = True):
+    return make_tiny_llama(VOCAB, hidden_size=HIDDEN, max_position_embeddings=64, tie_word_embeddings=tied).eval()
+
+
+def build(optim: str, model, row_blocked: bool, threads: int = 1):
+    """MeZO's targets; ``masked``: with Sparse-MeZO's masks on every tensor, the embedding included (Sparse-MeZO
+    itself leaves the embedding frozen, so only this reaches the row paths with a mask)."""
+    args = ZOTrainingArguments(output_dir="unused", optim="mezo", report_to="none", learning_rate=0.5, zo_eps=1e-2)
+    method = MeZO(args)
+    engine = ZOEngine(method.targets(model), num_noise_threads=threads)
+    engine.row_blocked = row_blocked
+    if optim == "masked":
+        engine.set_thresholds(0.5)
+        assert engine.targets[0].threshold is not None
+    return engine, method, args
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 256 entries; lm_head chunks of 2 blocks, 10 2/3 rows of 48: rows are cut and carried over."""
+    monkeypatch.setattr(ZOEngine, "NOISE_BLOCK", BLOCK)
+    monkeypatch.setattr(ZOEngine, "ROW_CHUNK_BYTES", 2 * BLOCK * 4)
+
+
+def outputs(model, engine: ZOEngine, seed: int, signed_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedding's and the lm_head's outputs under ``+-eps z``, and that the weights come back untouched."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    hidden = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), engine.perturbed(seed, signed_eps):
+        embedded, logits = model.model.embed_tokens(IDS), model.lm_head(hidden)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    return embedded, logits
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("optim", ["mezo", "masked"])
+def test_perturbed_rows_equal_the_whole_tensor_path(optim, tied, threads, small_blocks):
+    model = tiny(tied)
+    rows, _, _ = build(optim, model, row_blocked=True, threads=threads)
+    reference = copy.deepcopy(model)
+    whole, _, _ = build(optim, reference, row_blocked=False)
+    seed = perturbation_seed(0, 3)
+    for signed_eps in (1e-2, -1e-2):
+        embedded, logits = outputs(model, rows, seed, signed_eps)
+        expected_embedded, expected_logits = outputs(reference, whole, seed, signed_eps)
+        assert torch.equal(embedded, expected_embedded)  # Same elementwise op per entry: bit for bit.
+        # 16-row chunks: BLAS may sum in another order than for the whole matrix (seen: equal, here and on SmolLM2).
+        torch.testing.assert_close(logits, expected_logits, rtol=1e-6, atol=1e-6)
+        unperturbed = torch.nn.functional.linear(torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(2)),
+                                                 model.lm_head.weight)  # fmt: skip
+        assert (logits - unperturbed).abs().max() > 1e-3  # The lm_head was perturbed at all.
+    largest = max(buffer.numel() for buffer in rows._scratch._buffers.values())
+    assert largest < VOCAB * HIDDEN / 4  # No perturbed copy of the embedding or lm_head was made.
+
+
+def test_small_lm_head_and_other_paths_are_the_whole_tensor_path(small_blocks, monkeypatch):
+    model = tiny()
+    engine, _, _ = build("mezo", model, row_blocked=True)
+    embed, head = model.model.embed_tokens, model.lm_head
+    weight = engine.targets[0].get()
+    with torch.no_grad():
+        assert engine._row_kind(embed, weight) == "embedding"
+        assert engine._row_kind(head, weight) == "linear"
+        monkeypatch.setattr(ZOEngine, "ROW_CHUNK_BYTES", weight.numel() * weight.element_size())
+        assert engine._row_kind(head, weight) is None  # Fits one chunk: the full matmul, bit for bit as before.
+        engine.noise_scheme = 1  # Replay of scheme-1 runs draws z whole.
+        assert engine._row_kind(embed, weight) is None
+    assert engine._row_kind(embed, weight) is None  # Grad mode.
+
+
+@pytest.mark.parametrize("optim", ["mezo", "masked"])
+def test_zo_steps_give_the_same_losses_and_updates(optim, small_blocks):
+    """Whole steps through ``zo_step`` and ``ZOOptimizer``: losses equal to float noise, weights likewise."""
+    models = [tiny(), tiny()]
+    runs = []
+    for model, row_blocked in zip(models, (True, False)):
+        engine, method, args = build(optim, model, row_blocked)
+        optimizer = ZOOptimizer(engine, method, lr=args.learning_rate, num_perturbations=2, max_skipped_steps=3)
+        losses = []
+        for step in range(3):
+            loss = zo_step(engine, optimizer, lambda m=model: m(input_ids=IDS, labels=IDS).loss,
+                           eps=args.zo_eps, num_perturbations=2, seed=7, step=step)  # fmt: skip
+            optimizer.step()
+            losses.append(float(loss))
+        runs.append(losses)
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6, abs=0)
+    for (name, value), expected in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(models[0].lm_head.weight, tiny().lm_head.weight)  # The steps did train.
+
+
+@pytest.mark.parametrize("row_blocked", [True, False])
+@pytest.mark.parametrize("optim", ["mezo", "masked"])
+def test_no_perturbed_copy_of_the_embedding_is_allocated(optim, row_blocked, monkeypatch):
+    # 16384 x 64 tied embedding (4 MiB) with real-sized blocks and a 256 KiB lm_head chunk: every other tensor
+    # (the layers, logits of 6 tokens, the chunk) is below a quarter of it. The whole-tensor path shows it is seen.
+    monkeypatch.setattr(ZOEngine, "ROW_CHUNK_BYTES", 1 << 18)
+    model = make_tiny_llama(16384, hidden_size=64, intermediate_size=128, max_position_embeddings=64).eval()
+    ids = IDS[:1, :6]
+    engine, _, _ = build(optim, model, row_blocked)
+    embedding_bytes = model.lm_head.weight.numel() * 4
+
+    def step(index: int) -> None:
+        seed = perturbation_seed(0, index)
+        with torch.no_grad():
+            with engine.perturbed(seed, 1e-3):
+                plus = model(input_ids=ids, labels=ids).loss
+            with engine.perturbed(seed, -1e-3):
+                minus = model(input_ids=ids, labels=ids).loss
+        engine.update([seed], [1e-3 * float(projected_gradient(plus, minus, 1e-3))], lr=1e-3)
+
+    step(0)  # Allocates the scratch buffers (the whole-tensor path: a perturbed copy of the embedding).
+    engine._scratch._buffers.clear()  # Allocated again in the next step if that path needs a tensor-sized one.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step(1)
+    largest = max(event.cpu_memory_usage for event in profiler.events())
+    if row_blocked:
+        assert 0 < largest < embedding_bytes / 4, f"an allocation of {largest} bytes (embedding: {embedding_bytes})"
+    else:
+        assert largest >= embedding_bytes

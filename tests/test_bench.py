@@ -239,6 +239,7 @@ def test_study_quick_end_to_end_and_resume(tmp_path):
         "q_reference",
     } | ({"q_lora_mezo"} if HAS_PEFT else set())
     assert (study / "rte_study.png").stat().st_size > 0
+    assert not (study / "rte_study_gpu.png").exists()  # GPU runs get their own figure; there are none here
 
     for name in ("q_sparse", "q_mezo"):
         r = json.loads((study / name / "study_result.json").read_text())
@@ -271,7 +272,7 @@ def test_study_quick_end_to_end_and_resume(tmp_path):
     report = zo_bench("study", "--report", "--out", str(out))
     assert (
         report.returncode == 0
-        and "| q_sparse | sparse_mezo |" in report.stdout
+        and "| q_sparse | CPU | sparse_mezo |" in report.stdout
         and "Zero-shot test accuracy" in report.stdout
     )
     if not HAS_PEFT:
@@ -287,7 +288,7 @@ def test_study_quick_end_to_end_and_resume(tmp_path):
     mezo = json.loads((study / "q_mezo" / "study_result.json").read_text())
     assert lora["zero_shot"]["accuracy"] == mezo["zero_shot"]["accuracy"]  # same base model, same test split
 
-    assert "| q_lora_mezo | mezo LoRA r8 |" in report.stdout
+    assert "| q_lora_mezo | CPU | mezo LoRA r8 |" in report.stdout
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="needs peft (pip install -e '.[peft]')")
@@ -419,3 +420,25 @@ def test_the_library_never_imports_the_benchmarks_or_a_program(tmp_path):
         "importing a program (zo_trainer.cli, benchmarks): 1\n  zo_trainer.engine -> benchmarks.zo_bench.speed"
         in bad.stdout
     )
+
+
+def test_study_report_tells_gpu_runs_apart_and_plots_them_on_their_own(tmp_path):
+    """Committed results of one H100 run and one CPU run: the table names each run's device, and the two kinds
+    of run never share a wall-clock axis (rte_study.png holds the CPU runs, rte_study_gpu.png the GPU runs)."""
+    import shutil
+
+    from benchmarks.zo_bench.study_report import plot_studies, study_report
+
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "rte_study"
+    for name in ("gpu_adamw_lr1e-5_500", "main_mezo_lr3e-5_s0"):
+        (tmp_path / name).mkdir()
+        shutil.copy(committed / name / "study_result.json", tmp_path / name)
+    report = study_report(tmp_path)
+    assert "| gpu_adamw_lr1e-5_500 | GPU (H100) | adamw_torch |" in report
+    assert "| main_mezo_lr3e-5_s0 | CPU | mezo |" in report
+    plot_studies(tmp_path)
+    assert (tmp_path / "rte_study.png").stat().st_size > 0 and (tmp_path / "rte_study_gpu.png").stat().st_size > 0
+    (tmp_path / "gpu_adamw_lr1e-5_500" / "study_result.json").unlink()
+    (tmp_path / "rte_study_gpu.png").unlink()
+    plot_studies(tmp_path)
+    assert not (tmp_path / "rte_study_gpu.png").exists()

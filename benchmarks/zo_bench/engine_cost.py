@@ -31,18 +31,20 @@ from zo_trainer.engine import ZOEngine, ZOTarget, parameter_targets, perturbatio
 
 from .common import SCHEMA_VERSION, log_line, median, write_json
 from .environment import environment
+from .factories import GROWTH_CONFIGS
 
 # Config values of the models whose tensors are built (their Hugging Face config.json), and how many layers.
 ENGINE_SHAPES: dict[str, dict[str, Any]] = {
+    # The real SmolLM2-135M shapes are GROWTH_CONFIGS["135M"] (growth and memory build it too); vocab 49152, tied.
     "smollm2-135m": dict(
         source="HuggingFaceTB/SmolLM2-135M config: every tensor (tied embedding + 30 layers)",
-        hidden_size=576,
-        intermediate_size=1536,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
+        hidden_size=GROWTH_CONFIGS["135M"]["hidden_size"],
+        intermediate_size=GROWTH_CONFIGS["135M"]["intermediate_size"],
+        num_attention_heads=GROWTH_CONFIGS["135M"]["num_attention_heads"],
+        num_key_value_heads=GROWTH_CONFIGS["135M"]["num_key_value_heads"],
+        head_dim=GROWTH_CONFIGS["135M"]["hidden_size"] // GROWTH_CONFIGS["135M"]["num_attention_heads"],
         vocab_size=49152,
-        layers=30,
+        layers=GROWTH_CONFIGS["135M"]["num_hidden_layers"],
         embedding=True,
     ),
     "llama-3.2-1b": dict(

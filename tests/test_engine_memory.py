@@ -74,10 +74,11 @@ def reference_step(model, engine: ZOEngine, seed: int, eps: float, lr: float) ->
 # Scheme 2 applies z block by block (here 256-entry blocks over 3 threads); scheme 1 (replay of old runs) whole.
 @pytest.mark.parametrize("scheme, block, threads", [(1, None, 1), (2, None, 1), (2, 256, 3)])
 @pytest.mark.parametrize("optim", ["mezo", "sparse_mezo"])
-def test_steps_equal_the_plain_tensor_ops_bit_for_bit(optim, scheme, block, threads, monkeypatch):
+@pytest.mark.parametrize("bias", [False, True])  # A bias is perturbed while its weight's copy is read: own buffer.
+def test_steps_equal_the_plain_tensor_ops_bit_for_bit(optim, scheme, block, threads, bias, monkeypatch):
     if block is not None:
         monkeypatch.setattr(ZOEngine, "NOISE_BLOCK", block)
-    model = make_tiny_llama(96, max_position_embeddings=64).eval()
+    model = make_tiny_llama(96, max_position_embeddings=64, attention_bias=bias).eval()
     reference = copy.deepcopy(model)
     engine = build(optim, model, weight_decay=0.1, scheme=scheme, threads=threads)
     reference_engine = build(optim, reference, weight_decay=0.1, scheme=scheme)
@@ -93,7 +94,9 @@ def test_steps_equal_the_plain_tensor_ops_bit_for_bit(optim, scheme, block, thre
     changed = 0
     for (name, value), expected in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(value, expected), name
-        changed += not torch.equal(value, make_tiny_llama(96, max_position_embeddings=64).state_dict()[name])
+        changed += not torch.equal(
+            value, make_tiny_llama(96, max_position_embeddings=64, attention_bias=bias).state_dict()[name]
+        )
     assert changed  # The steps did train.
 
 

@@ -144,3 +144,53 @@ def test_no_perturbed_copy_of_the_embedding_is_allocated(optim, row_blocked, mon
         assert 0 < largest < embedding_bytes / 4, f"an allocation of {largest} bytes (embedding: {embedding_bytes})"
     else:
         assert largest >= embedding_bytes
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vocab_paths_keep_no_buffer_beside_the_layer_copy(tied, small_blocks):
+    """The embedding's rows and the lm_head's chunk go in the layers' perturbed-copy buffer (idle while those modules
+    run): after whole steps the scratch is that one buffer and the per-thread z blocks, nothing more stays resident."""
+    model = tiny(tied)
+    engine, method, args = build("mezo", model, row_blocked=True)
+    optimizer = ZOOptimizer(engine, method, lr=args.learning_rate, num_perturbations=1, max_skipped_steps=3)
+    for step in range(2):
+        zo_step(engine, optimizer, lambda: model(input_ids=IDS, labels=IDS).loss,
+                eps=args.zo_eps, num_perturbations=1, seed=7, step=step)  # fmt: skip
+        optimizer.step()
+    vocab = {model.lm_head.weight.data_ptr(), model.model.embed_tokens.weight.data_ptr()}
+    largest_layer = max(t.numel for t in engine.targets if t.get().data_ptr() not in vocab)
+    chunk = HIDDEN + ZOEngine.ROW_CHUNK_BYTES // 4
+    assert largest_layer > max(chunk, IDS.unique().numel() * HIDDEN)  # So a buffer of their own would show below.
+    assert sum(b.numel() for b in engine._scratch._buffers.values()) == largest_layer + BLOCK
+
+
+class ScaledHead(torch.nn.Module):
+    """An lm_head inside a module with a target of its own: that target's perturbed copy is alive (in the shared
+    buffer) while the lm_head's rows are built, so they must go elsewhere."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self.head = head
+        self.scale = torch.nn.Parameter(torch.linspace(0.5, 1.5, VOCAB))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) * self.scale
+
+
+def test_lm_head_inside_a_perturbed_module_gets_its_perturbed_weights(small_blocks):
+    """Reference: every target set to ``t + eps * z`` by hand (the whole-tensor path cannot serve here, as it puts the
+    scale's and the lm_head's copies in the same buffer)."""
+    model = tiny(tied=False)
+    model.lm_head = ScaledHead(model.lm_head)
+    engine, _, _ = build("mezo", model, row_blocked=True)
+    seed, eps = perturbation_seed(0, 1), 1e-2
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        assert engine._row_kind(model.lm_head.head, model.lm_head.head.weight) == "linear"
+        with engine.perturbed(seed, eps):  # The layers run first: the shared buffer fits the scale's copy.
+            logits = model(input_ids=IDS).logits
+        for target, param in zip(engine.targets, reference.parameters(), strict=True):
+            assert target.get().shape == param.shape
+            param.add_(engine.noise(target, seed), alpha=eps)
+        expected = reference(input_ids=IDS).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)

@@ -339,9 +339,17 @@ class ZOEngine:
 
     def _noise_buffer(self, target: ZOTarget, like: torch.Tensor) -> torch.Tensor:
         """Scratch for z of ``target``: a tied tensor's perturbed copy lives for the whole forward, so it
-        gets its own buffer (also reused by the update); all other targets share one."""
-        slot = f"tied{target.index}" if len(target.modules) > 1 else "z"
+        gets its own buffer (also reused by the update); all other targets share one (``_copy_slot``)."""
+        slot = f"tied{target.index}" if len(target.modules) > 1 else self._copy_slot()
         return self._scratch.get(like, slot)
+
+    def _copy_slot(self) -> str:
+        """Slot of a new perturbed copy of an untied target (or of a vocabulary path's rows): "z", one buffer for all
+        of them as each copy dies at its module's end, unless copies the running forward still reads are alive (a
+        Linear's weight while its bias is perturbed; a module inside one with a target of its own): then a slot per
+        such depth, else the new copy would be written over the live one."""
+        alive = sum(len(self.targets[index].modules) == 1 for index in self._swapped)
+        return f"z{alive}" if alive else "z"
 
     def _perturbed_tensor(
         self, target: ZOTarget, original: torch.Tensor, step_seed: int, signed_eps: float
@@ -424,7 +432,7 @@ class ZOEngine:
         seed, block = target_seed(step_seed, target.index), self.NOISE_BLOCK
         numel, width = weight.numel(), weight.shape[1]
         rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-        picked = self._scratch.take((rows.numel(), width), weight.dtype, weight.device, "rows")
+        picked = self._scratch.take((rows.numel(), width), weight.dtype, weight.device, self._copy_slot())
         # The pieces of the rows in each block (a row may straddle blocks): [lo, hi) in the flat tensor, and where
         # they go in ``picked``. Rows are sorted, so the pieces come grouped by block, in block order.
         starts = rows[:, None] * width
@@ -457,7 +465,8 @@ class ZOEngine:
         seed, block = target_seed(step_seed, target.index), self.NOISE_BLOCK
         (num_rows, width), numel = weight.shape, weight.numel()
         blocks_per_chunk = max(1, self.ROW_CHUNK_BYTES // (block * weight.element_size()))
-        chunk = self._scratch.take((width + blocks_per_chunk * block,), weight.dtype, weight.device, "chunk")
+        # In the layers' perturbed-copy slot, idle here: no second buffer stays resident beside it.
+        chunk = self._scratch.take((width + blocks_per_chunk * block,), weight.dtype, weight.device, self._copy_slot())
         inputs = x.reshape(-1, width)
         out = torch.empty((inputs.shape[0], num_rows), dtype=weight.dtype, device=weight.device)
         flat = weight.view(-1)

@@ -234,6 +234,10 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
         int(config.get("batch_size", 1)),
         int(config.get("seq_len", 128)),
     )
+    # Every mode imports the package before its baseline: the ZO modes need it, and a ratio to inference must measure
+    # the step, not the ~146 MB of imports (Trainer, peft, datasets) that an inference process would skip.
+    import zo_trainer  # noqa: F401
+
     torch.manual_seed(0)
     rss_start = _status_bytes("VmRSS")
     t0 = time.perf_counter()

@@ -224,16 +224,31 @@ def _two_forwards_paired(run_step, loss_fn, device: torch.device, times: list[fl
     return forwards
 
 
+def _language_model_loss(model: torch.nn.Module, config: dict[str, Any], device: torch.device):
+    """The loss the steps take: a fixed random batch (``batch_size`` x ``seq_len`` tokens) as its own labels."""
+    shape = SCALE_SHAPES[config["shape"]]
+    batch = (int(config.get("batch_size", 1)), int(config.get("seq_len", 128)))
+    input_ids = torch.randint(3, shape["vocab_size"], batch, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def loss_fn() -> torch.Tensor:
+        return model(input_ids=input_ids, labels=input_ids).loss
+
+    return loss_fn
+
+
+def _model_sizes(model: torch.nn.Module, shape_name: str) -> dict[str, int]:
+    return {
+        "param_count": param_count(SCALE_SHAPES[shape_name]),
+        "stored_param_numel": sum(p.numel() for p in model.parameters()),  # int4: two codes per stored uint8
+        "stored_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+    }
+
+
 def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(config.get("device", "cpu"))
     if device.type == "cuda":
         return _scale_worker_cuda(config, device)
-    shape_name, weights, mode = config["shape"], config["weights"], config["mode"]
-    steps, batch_size, seq_len = (
-        int(config.get("steps", 1)),
-        int(config.get("batch_size", 1)),
-        int(config.get("seq_len", 128)),
-    )
+    shape_name, weights, mode, steps = config["shape"], config["weights"], config["mode"], int(config.get("steps", 1))
     # Every mode imports the package before its baseline: the ZO modes need it, and a ratio to inference must measure
     # the step, not the ~146 MB of imports (Trainer, peft, datasets) that an inference process would skip.
     import zo_trainer  # noqa: F401
@@ -246,14 +261,7 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
     malloc_trim()
     build_peak = _status_bytes("VmHWM")
     rss_after_build = _status_bytes("VmRSS")
-    stored_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    input_ids = torch.randint(
-        3, SCALE_SHAPES[shape_name]["vocab_size"], (batch_size, seq_len), generator=torch.Generator().manual_seed(1)
-    )
-
-    def loss_fn() -> torch.Tensor:
-        return model(input_ids=input_ids, labels=input_ids).loss
-
+    loss_fn = _language_model_loss(model, config, device)
     run_step, extra = _prepare_mode(model, mode, loss_fn)
     malloc_trim()
     rss_before_steps = _status_bytes("VmRSS")
@@ -269,9 +277,7 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
         extra["two_forwards_seconds"] = _two_forwards_paired(run_step, loss_fn, device, times)
     return {
         "config": config,
-        "param_count": param_count(SCALE_SHAPES[shape_name]),
-        "stored_param_numel": sum(p.numel() for p in model.parameters()),  # int4: two codes per stored uint8
-        "stored_bytes": stored_bytes,
+        **_model_sizes(model, shape_name),
         "rss_start_bytes": rss_start,
         "build_seconds": build_seconds,
         "build_peak_rss_bytes": build_peak,
@@ -292,12 +298,7 @@ def _scale_worker_cuda(config: dict[str, Any], device: torch.device) -> dict[str
     probe = memory_probe(device)
     if device.index is None:  # set_device and the generators want the index
         device = probe.device = torch.device("cuda", torch.cuda.current_device())
-    shape_name, weights, mode = config["shape"], config["weights"], config["mode"]
-    steps, batch_size, seq_len = (
-        int(config.get("steps", 1)),
-        int(config.get("batch_size", 1)),
-        int(config.get("seq_len", 128)),
-    )
+    shape_name, weights, mode, steps = config["shape"], config["weights"], config["mode"], int(config.get("steps", 1))
     torch.manual_seed(0)
     torch.cuda.set_device(device)
     probe.reset_peak()
@@ -310,14 +311,7 @@ def _scale_worker_cuda(config: dict[str, Any], device: torch.device) -> dict[str
     off_device = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "cuda"]
     if off_device:
         raise RuntimeError(f"tensors not on {device} after building: {off_device[:5]}")
-    stored_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    input_ids = torch.randint(
-        3, SCALE_SHAPES[shape_name]["vocab_size"], (batch_size, seq_len), generator=torch.Generator().manual_seed(1)
-    ).to(device)
-
-    def loss_fn() -> torch.Tensor:
-        return model(input_ids=input_ids, labels=input_ids).loss
-
+    loss_fn = _language_model_loss(model, config, device)
     run_step, extra = _prepare_mode(model, mode, loss_fn)
     before_steps = probe.snapshot("before_steps")
     torch.cuda.empty_cache()  # reserved then counts what the steps ask for, not the build's leftovers
@@ -331,9 +325,7 @@ def _scale_worker_cuda(config: dict[str, Any], device: torch.device) -> dict[str
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device),
         "device_total_memory_bytes": torch.cuda.get_device_properties(device).total_memory,
-        "param_count": param_count(SCALE_SHAPES[shape_name]),
-        "stored_param_numel": sum(p.numel() for p in model.parameters()),
-        "stored_bytes": stored_bytes,
+        **_model_sizes(model, shape_name),
         "build_seconds": build_seconds,
         "cuda_allocated_start_bytes": start["start_allocated_bytes"],
         "cuda_allocated_after_build_bytes": after_build["build_allocated_bytes"],

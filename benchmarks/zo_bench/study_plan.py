@@ -61,6 +61,11 @@ def overfit(name: str, **args: Any) -> dict[str, Any]:
     return dict(name=name, kind="overfit", args=dict(OVERFIT, **args))
 
 
+# The first-order baseline (issue 10): AdamW full fine-tuning, lr 1e-5 decaying linearly over 500 steps (2 epochs).
+ADAMW_500: dict[str, Any] = dict(
+    optim="adamw_torch", learning_rate=1e-5, max_steps=500, lr_scheduler_type="linear", eval_steps=125, save_steps=125
+)
+
 # The plan, most informative first. Settings in "args" override COMMON. See benchmarks/results/rte_study/PLAN.md.
 PLAN: list[dict[str, Any]] = [
     # LR sweep, sparse_mezo above the 1e-4 that is stable but flat (issue 10)
@@ -92,14 +97,7 @@ PLAN: list[dict[str, Any]] = [
     dict(name="main_mezo_lr3e-5_s0", args=dict(optim="mezo", learning_rate=3e-5, max_steps=1000)),
     dict(
         name="adamw_lr1e-5_500",
-        args=dict(
-            optim="adamw_torch",
-            learning_rate=1e-5,
-            max_steps=500,
-            lr_scheduler_type="linear",
-            eval_steps=125,
-            save_steps=125,
-        ),
+        args=dict(ADAMW_500),
     ),
     dict(
         name="main_sparse_lr3e-4_s1",
@@ -145,14 +143,7 @@ PLAN: list[dict[str, Any]] = [
     ),
     dict(
         name="gpu_adamw_lr1e-5_500",
-        args=dict(
-            optim="adamw_torch",
-            learning_rate=1e-5,
-            max_steps=500,
-            lr_scheduler_type="linear",
-            eval_steps=125,
-            save_steps=125,
-        ),
+        args=dict(ADAMW_500),
     ),
     # GPU, second round (the 10k runs: mezo lr 3e-5 diverged near step 1,300 in both seeds; sparse_mezo's update
     # fraction fell to 0.02-0.03 by step 1,000): smaller or decaying LRs, 2,000 steps, dev loss every 250

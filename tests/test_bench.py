@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.zo_bench import accuracy, cli, common, growth, memory, study
 from benchmarks.zo_bench.common import default_rte_dir
-from conftest import zo_bench
+from conftest import HAS_GPTQ, zo_bench
 
 RTE = Path(default_rte_dir())
 HAS_QUANT = all(importlib.util.find_spec(m) is not None for m in ("bitsandbytes", "gptqmodel", "optimum"))
@@ -289,6 +289,43 @@ def test_study_quick_end_to_end_and_resume(tmp_path):
     assert lora["zero_shot"]["accuracy"] == mezo["zero_shot"]["accuracy"]  # same base model, same test split
 
     assert "| q_lora_mezo | CPU | mezo LoRA r8 |" in report.stdout
+
+
+@needs_run
+@pytest.mark.skipif(not HAS_GPTQ, reason="needs gptqmodel (scripts/install_quant.sh)")
+@pytest.mark.slow  # ~40 s: zo-quantize and two zo-train runs on a tiny random model
+def test_study_quantizes_a_named_base_once_and_trains_qzo_on_it(tmp_path):
+    """A plan entry with ``base``: zo-quantize makes the GPTQ base under the root once; qzo trains and is scored on it,
+    its zero-shot is the quantized base's own, and the report labels both."""
+    out, root = tmp_path / "results", tmp_path / "runs"
+    plan = {
+        "runs": [
+            {
+                "name": f"q_qzo_gptq_{i}",
+                "base": "gptq4",
+                "args": {"optim": "qzo", "learning_rate": 1e-4, "max_steps": 2},
+            }
+            for i in (0, 1)
+        ]
+    }
+    proc = _study(out, "--root", str(root), "--plan", json.dumps(plan))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = root / "bases" / "gptq4"
+    assert json.loads((base / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert not (root / "bases" / "gptq4.partial").exists()
+    assert (root / "bases" / "gptq4.log").read_text().count(" $ ") == 1  # quantized once, reused by the second run
+    for i in (0, 1):
+        r = json.loads((out / "rte_study" / f"q_qzo_gptq_{i}" / "study_result.json").read_text())
+        assert r["trained"] and r["quantization"] == "gptq" and r["optim"] == "qzo"
+        assert r["base"]["path"] == str(base) and r["base"]["command"].split()[0].endswith("zo-quantize")
+        assert f"--model_name_or_path {base} " in r["command"]
+        assert r["test"]["n"] == 8
+    # scored zero-shot on the GPTQ base (not on the fp model the quick plan starts from): its own cache entry
+    table = json.loads((root / "zero_shot.json").read_text())
+    assert list(table) == [f"{base}|None|8|64"]
+    report = zo_bench("study", "--report", "--out", str(out))
+    assert report.returncode == 0 and "| q_qzo_gptq_0 | CPU | qzo (gptq) |" in report.stdout
+    assert "Zero-shot test accuracy: the gptq base " in report.stdout
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="needs peft (pip install -e '.[peft]')")

@@ -37,7 +37,7 @@ from typing import Any
 from .common import dict_line, log_line, run_args, to_argv, write_json
 from .environment import environment
 from .factories import tiny_model_dir
-from .study_plan import COMMON, DIVERGENCE_FACTOR, LN2, PLAN, STUDY_DIR, quick_plan
+from .study_plan import BASES, COMMON, DIVERGENCE_FACTOR, LN2, PLAN, STUDY_DIR, quick_plan
 from .study_report import plot_studies, study_report
 from .study_scoring import bootstrap_ci, majority_rate, run_reference, score_model, zero_shot
 
@@ -70,6 +70,39 @@ def is_trained(output_dir: Path, max_steps: int) -> bool:
 def zo_train_exe() -> list[str]:
     exe = Path(sys.executable).with_name("zo-train")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "zo_trainer.train"]
+
+
+def prepare_base(run: dict[str, Any], args: dict[str, Any], root: Path, threads: int = 1) -> dict[str, Any]:
+    """The run's named base model (``base`` in its plan entry; zo-quantize flags in ``BASES``), quantized from the
+    study's model once into ``<root>/bases/<base>`` and reused by every run that names it. Returns the zo-quantize
+    command and the folder; raises with the tail of its log if zo-quantize fails."""
+    name = run["base"]
+    if name not in BASES:
+        raise ValueError(f"run {run['name']!r}: unknown base {name!r} (known: {sorted(BASES)})")
+    out_dir = root / "bases" / name
+    flags = dict(BASES[name], task=args["task"], data_dir=args["data_dir"])
+    if args.get("model_name_or_path"):
+        flags["model_name_or_path"] = args["model_name_or_path"]
+    exe = Path(sys.executable).with_name("zo-quantize")
+    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "zo_trainer.cli.quantize"]) + to_argv(flags)
+    if not (out_dir / "config.json").exists():
+        # into a scratch folder renamed when complete: a cut-short quantization is redone, never half-used
+        partial = out_dir.with_name(name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        log_path = root / "bases" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        with open(log_path, "a") as log:
+            log.write(f"{time.time():.1f} $ {' '.join(cmd + ['--output_dir', str(partial)])}\n")
+            log.flush()
+            rc = subprocess.run(
+                cmd + ["--output_dir", str(partial)], stdout=log, stderr=subprocess.STDOUT, env=env
+            ).returncode
+        if rc != 0:
+            tail = log_path.read_text().splitlines()[-5:]
+            raise RuntimeError(f"zo-quantize for base {name!r} exited {rc}: " + " | ".join(tail))
+        partial.rename(out_dir)
+    return {"name": name, "path": str(out_dir), "command": " ".join(cmd + ["--output_dir", str(out_dir)])}
 
 
 def train(run: dict[str, Any], args: dict[str, Any], root: Path, threads: int = 1, nice: int = 10) -> dict[str, Any]:
@@ -224,7 +257,8 @@ def result_for(run: dict[str, Any], args: dict[str, Any], root: Path, status: di
         "zo_eps": args.get("zo_eps") if str(args.get("optim")) in ("mezo", "sparse_mezo", "qzo") else None,
         "zo_sparsity": args.get("zo_sparsity"),
         "zo_num_perturbations": args.get("zo_num_perturbations", 1),
-        "quantization": args.get("quantization"),
+        "quantization": args.get("quantization") or ("gptq" if run.get("base") else None),  # bases: zo-quantize's GPTQ
+        "base": status.get("base"),  # a quantized base the harness made (zo-quantize command), or None
         "batch_size": args["per_device_train_batch_size"],
         "max_length": args["max_length"],
         "data": {k: args[k] for k in ("task", "num_train", "num_dev", "num_eval", "data_seed")},
@@ -298,6 +332,9 @@ def run_one(
     args = run_args(run, common)
     name, kind = run["name"], run.get("kind", "train")
     status: dict[str, Any] = {"threads": threads}
+    if run.get("base"):
+        status["base"] = prepare_base(run, args, root, threads)
+        args["model_name_or_path"] = status["base"]["path"]
     if kind == "reference":
         status["reference"] = run_reference(run, args, root, threads)
     else:
@@ -371,7 +408,7 @@ def main_study(
             ckpt = last_checkpoint(root_dir / run["name"]) if (root_dir / run["name"]).exists() else None
             print(
                 f"{'done   ' if done else ('partial' if ckpt else 'todo   ')} {run['name']}: {run.get('kind', 'train')} "
-                f"{to_argv(run.get('args', {}))}"
+                f"{to_argv(run.get('args', {}))}" + (f" on base {run['base']}" if run.get("base") else "")
             )
         return 0
     wanted = [r for r in plan if runs is None or r["name"] in runs.split(",")]

@@ -26,7 +26,9 @@ def _pct(x) -> str:
 def optim_cell(r: dict[str, Any]) -> str:
     """The run's optimiser, with "LoRA r<rank>" when it trained adapters (``use_peft``) rather than the weights."""
     args = r.get("args") or {}
-    return f"{r['optim']} LoRA r{args.get('lora_r', 16)}" if args.get("use_peft") else str(r["optim"])
+    if args.get("use_peft"):
+        return f"{r['optim']} LoRA r{args.get('lora_r', 16)}"
+    return f"{r['optim']} ({r['quantization']})" if r.get("quantization") else str(r["optim"])
 
 
 def device_cell(r: dict[str, Any]) -> str:
@@ -43,7 +45,8 @@ def study_report(results: Path) -> str:
         "| run | device | optim | lr (schedule) | eps | batch | steps | wall-clock (min) | final dev loss | dev acc | test acc % [95% CI] | diverged |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    zs = maj = None
+    zs: dict[str | None, dict[str, Any]] = {}
+    maj = None
     for r in rows:
         if r["kind"] != "train":
             continue
@@ -60,11 +63,16 @@ def study_report(results: Path) -> str:
             f"{r['batch_size']} | {steps} | {'n/a' if wall is None else f'{wall / 60:.0f}'} | "
             f"{last.get('loss', float('nan')):.3f} | {_pct(last.get('accuracy'))} | {test} | {'yes' if r['diverged'] else 'no'} |"
         )
-        zs = zs or r.get("zero_shot")
+        if r.get("zero_shot"):  # one per base model: the fp model, and each 4-bit base a qzo run starts from
+            zs.setdefault(r.get("quantization"), r["zero_shot"])
         maj = maj or r.get("majority_rate")
     if zs:
+        bases = [
+            f"{'the ' + q + ' base' if q else 'the model'} {_pct(z['accuracy'])}% [{_pct(z['ci95'][0])}, {_pct(z['ci95'][1])}]"
+            for q, z in sorted(zs.items(), key=lambda kv: kv[0] or "")
+        ]
         lines.append(
-            f"\nZero-shot test accuracy {_pct(zs['accuracy'])}% [{_pct(zs['ci95'][0])}, {_pct(zs['ci95'][1])}]; "
+            f"\nZero-shot test accuracy: {'; '.join(bases)}; "
             f"majority class {_pct(maj)}% ({rows[0]['data']['num_eval']} test examples)."
         )
     over = [r for r in rows if r["kind"] == "overfit"]

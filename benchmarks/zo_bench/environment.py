@@ -79,4 +79,6 @@ def environment() -> dict[str, Any]:
         "git": _git(),
         "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "argv": sys.argv,
+        # settings that move the figures (allocator policy, threads, the engine's switches), as they were set
+        "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("MALLOC_", "OMP_", "GPTQMODEL_", "ZO_"))},
     }

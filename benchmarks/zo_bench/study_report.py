@@ -148,7 +148,8 @@ def plot_study(results: Path, path: Path, on_gpu: bool = False) -> None:
                     capsize=3,
                     label=label,
                 )
-    zs = next((r["zero_shot"]["accuracy"] for r in rows if r.get("zero_shot")), None)
+    # the full-precision model's zero-shot (a 4-bit base's own is in the report's text)
+    zs = next((r["zero_shot"]["accuracy"] for r in rows if r.get("zero_shot") and not r.get("quantization")), None)
     maj = next((r["majority_rate"] for r in rows if r.get("majority_rate")), None)
     for ax in axes[1]:
         if zs is not None:

@@ -147,6 +147,17 @@ def test_gpu_rows_are_judged_by_the_gpu_peak_and_plotted_apart(tmp_path):
     expected = 4.6e9 * bench_scale.param_count(sizes["13b"]) / bench_scale.param_count(sizes["7b"])
     assert computed["step_peak_cuda_allocated_bytes"] == pytest.approx(expected)
     assert "7b/qzo_gptq" not in payload["computed"]
+    # the README's table: measured bold (step / two forwards where timed in one process), computed italic, skipped
+    # points without a column
+    table = bench_scale.scale_table(payload).splitlines()
+    assert table[0] == "| shape | params | inference nf4 | qzo nf4 | mezo fp16 |"
+    rows = {line.split(" | ")[0]: line for line in table if line.startswith("| ")}
+    assert list(rows)[1:5] == ["| TinyLlama-1.1B", "| open_llama_3b", "| Llama-2-7B", "| Llama-2-13B"]
+    assert rows["| Llama-2-7B"] == "| Llama-2-7B | 6.74B | **4.50** | **4.60**, 1.05× | **15.00**, 1.20× |"
+    assert rows["| Llama-2-13B"].startswith(
+        f"| Llama-2-13B | 13.02B | *{4.5e9 * expected / 4.6e9 / 1e9:.1f}* | *{expected / 1e9:.1f}* |"
+    )
+    assert "| 7b qzo int4 peak GPU memory <= 5 GB | 4.60 GB | met |" in table
     bench_scale.plot_scale(tmp_path / "scale_cuda.png", payload)
     assert (tmp_path / "scale_cuda.png").stat().st_size > 0
 

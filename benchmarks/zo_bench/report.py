@@ -50,6 +50,17 @@ def report(out: Path) -> str:
             f"<!-- {name}: {d['environment']['timestamp_utc']}, commit {g.get('commit')} "
             f"(dirty {g.get('dirty')}), {m['cpu_model']}, {m['torch_num_threads']} torch threads -->"
         )
+    for name in ("scale.json", "scale_cuda.json"):
+        d = load(name)
+        if d is not None:
+            from .scale import scale_table
+
+            lines += [
+                "",
+                f"Peak memory at real shapes ({name}: {d.get('device', 'cpu')}, batch {d['batch_size']} x {d['seq_len']}; GB):",
+                "",
+            ]
+            lines.append(scale_table(d).rstrip())
     speed = load("speed.json")
     if speed:
         st = speed["setup"]

@@ -472,6 +472,48 @@ def _goals_cuda(ratios: dict[str, dict[str, Any]], peak, any_peak) -> list[dict[
     return goals
 
 
+# The public checkpoints the shapes copy (their configs are in scale_models.SCALE_SHAPES), for tables.
+SHAPE_NAMES = {"tiny": "tiny", "1b": "TinyLlama-1.1B", "3b": "open_llama_3b", "7b": "Llama-2-7B", "13b": "Llama-2-13B"}
+AFTER_BUILD_KEY = {"cpu": "rss_after_build_bytes", "cuda": "cuda_allocated_after_build_bytes"}
+
+
+def scale_table(payload: dict[str, Any]) -> str:
+    """Markdown: one row per shape, one column per point measured at any size. A cell is the step's peak in GB
+    (**bold: measured**, with the model after building in brackets and, for a ZO point timed with
+    ``--paired_timing``, step / two forwards), or *italic: computed* from the largest measured size."""
+    device = payload.get("device", "cpu")
+    peak_key, built_key = PEAK_KEY[device], AFTER_BUILD_KEY[device]
+    measured, computed = payload["points"], payload.get("computed", {})
+    have = [k.split("/") for k, row in measured.items() if row.get(peak_key)]  # skipped / failed points: no peak
+    points = [p for p in POINTS if any(point == p for _, point in have)]
+    sizes = [s for s in SCALE_SHAPES if any(size == s for size, _ in have) or f"{s}/{points[0]}" in computed]
+    head = ["shape", "params"] + [f"{POINTS[p][1]} {POINTS[p][0]}" for p in points]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for size in sizes:
+        cells = [SHAPE_NAMES.get(size, size), f"{param_count(SCALE_SHAPES[size]) / 1e9:.2f}B"]
+        for point in points:
+            row, guess = measured.get(_point_key(size, point)), computed.get(_point_key(size, point))
+            if row and row.get(peak_key):
+                cell = f"**{row[peak_key] / 1e9:.2f}**" + (
+                    f" ({row[built_key] / 1e9:.2f})" if row.get(built_key) else ""
+                )
+                ratio = payload.get("ratios", {}).get(size, {})
+                if ratio.get(f"{point}_step_over_two_forwards_source", "").startswith("same process"):
+                    cell += f", {ratio[f'{point}_step_over_two_forwards']:.2f}×"
+            elif guess:
+                cell = f"*{guess[peak_key] / 1e9:.1f}*"
+            else:
+                cell = ""
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| goal (issue 11) | measured | met? |", "|---|---|---|"]
+    for goal in payload.get("goals", []):
+        value = f"{goal['value_gb']:.2f} GB" if "value_gb" in goal else f"{goal.get('value', float('nan')):.3g}"
+        worst = f" (worst: {goal['worst']})" if goal.get("worst") else ""
+        lines.append(f"| {goal['goal']} | {value}{worst} | {goal['status']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _goals_cpu(ratios: dict[str, dict[str, Any]], peak, any_peak) -> list[dict[str, Any]]:
     goals = []
     for size, limit in (("13b", 12), ("7b", 6)):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +209,17 @@ def test_quick_scale_on_cuda_through_the_console_script(tmp_path):
         assert all(t > 0 for t in row["step_seconds"])
     assert payload["ratios"]["tiny"]["qzo_nf4_step_over_two_forwards"] > 0
     assert any("14.5 GB" in g["goal"] for g in payload["goals"])
+
+
+def test_report_prints_the_committed_scale_tables(tmp_path):
+    """``zo-bench report`` on the committed scale results (copied: it redraws PNGs where it reads): both tables, the
+    13B rows measured, and the goals."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    for name in ("scale.json", "scale_cuda.json"):
+        shutil.copy(results / name, tmp_path / name)
+    proc = zo_bench("report", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cpu, cuda = proc.stdout.split("(scale_cuda.json: cuda")
+    assert "(scale.json: cpu, batch 1 x 128; GB)" in cpu
+    assert "| Llama-2-13B | 13.02B | **" in cpu and "| Llama-2-13B | 13.02B | **" in cuda
+    assert "| 13b qzo int4 peak RSS < 12 GB |" in cpu and "| 7b qzo int4 peak GPU memory <= 5 GB |" in cuda

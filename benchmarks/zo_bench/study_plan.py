@@ -171,6 +171,13 @@ PLAN: list[dict[str, Any]] = [
         name="gpu_lora_mezo_lr1e-3_eps1e-2_2k_s0",
         args=dict(GPU_SHORT, **LORA, optim="mezo", learning_rate=1e-3, zo_eps=1e-2),
     ),
+    # GPU, next: the second seed of the one run that gained, and "slow or broken" with 2,000 steps instead of 300
+    dict(
+        name="gpu_sparse_lr3e-4_2k_s0",
+        args=dict(GPU_SHORT, optim="sparse_mezo", zo_sparsity=0.8, learning_rate=3e-4, seed=0),
+    ),
+    overfit("gpu_overfit32_sparse_lr3e-4_2k", optim="sparse_mezo", zo_sparsity=0.8, learning_rate=3e-4, max_steps=2000),
+    overfit("gpu_overfit32_mezo_lr3e-5_2k", optim="mezo", learning_rate=3e-5, max_steps=2000),
 ]
 
 

@@ -67,9 +67,14 @@ def is_trained(output_dir: Path, max_steps: int) -> bool:
     return step is not None and step >= max_steps and any(output_dir.glob("*.safetensors"))
 
 
+def console_script(name: str, module: str) -> list[str]:
+    """The installed program ``name`` beside this interpreter, else ``python -m module``."""
+    exe = Path(sys.executable).with_name(name)
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", module]
+
+
 def zo_train_exe() -> list[str]:
-    exe = Path(sys.executable).with_name("zo-train")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "zo_trainer.train"]
+    return console_script("zo-train", "zo_trainer.train")
 
 
 def prepare_base(run: dict[str, Any], args: dict[str, Any], root: Path, threads: int = 1) -> dict[str, Any]:
@@ -83,8 +88,7 @@ def prepare_base(run: dict[str, Any], args: dict[str, Any], root: Path, threads:
     flags = dict(BASES[name], task=args["task"], data_dir=args["data_dir"])
     if args.get("model_name_or_path"):
         flags["model_name_or_path"] = args["model_name_or_path"]
-    exe = Path(sys.executable).with_name("zo-quantize")
-    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "zo_trainer.cli.quantize"]) + to_argv(flags)
+    cmd = console_script("zo-quantize", "zo_trainer.cli.quantize") + to_argv(flags)
     if not (out_dir / "config.json").exists():
         # into a scratch folder renamed when complete: a cut-short quantization is redone, never half-used
         partial = out_dir.with_name(name + ".partial")

@@ -118,6 +118,8 @@ PLAN: list[dict[str, Any]] = [
     # qzo on a GPTQ base (issue 10 asks for NF4 and GPTQ): the README's zo-quantize command, made once under the
     # study root (see GPTQ_BASE); lr as for NF4
     dict(name="main_qzo_gptq", base="gptq4", args=dict(optim="qzo", learning_rate=1e-4, max_steps=1000)),
+    # lr 1e-4 diverged on the GPTQ scales by step 70 (training loss 4.05): 10x smaller
+    dict(name="main_qzo_gptq_lr1e-5", base="gptq4", args=dict(optim="qzo", learning_rate=1e-5, max_steps=1000)),
     # LoRA (issue 10: mezo on LoRA, eps 1e-2, lr 1e-3 was stable over 400 steps through the notebook API)
     dict(
         name="lora_mezo_lr1e-3_eps1e-2",

@@ -53,7 +53,7 @@ def report(out: Path) -> str:
     for name in ("scale.json", "scale_cuda.json"):
         d = load(name)
         if d is not None:
-            from .scale import scale_table
+            from .scale import scale_table  # imports torch: only when there is a scale file to print
 
             lines += [
                 "",

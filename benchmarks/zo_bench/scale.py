@@ -486,18 +486,19 @@ def scale_table(payload: dict[str, Any]) -> str:
     measured, computed = payload["points"], payload.get("computed", {})
     have = [k.split("/") for k, row in measured.items() if row.get(peak_key)]  # skipped / failed points: no peak
     points = [p for p in POINTS if any(point == p for _, point in have)]
-    sizes = [s for s in SCALE_SHAPES if any(size == s for size, _ in have) or f"{s}/{points[0]}" in computed]
+    shown = {size for size, _ in have} | {key.split("/")[0] for key in computed}
+    sizes = [s for s in SCALE_SHAPES if s in shown]
     head = ["shape", "params"] + [f"{POINTS[p][1]} {POINTS[p][0]}" for p in points]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for size in sizes:
         cells = [SHAPE_NAMES.get(size, size), f"{param_count(SCALE_SHAPES[size]) / 1e9:.2f}B"]
+        ratio = payload.get("ratios", {}).get(size, {})
         for point in points:
             row, guess = measured.get(_point_key(size, point)), computed.get(_point_key(size, point))
             if row and row.get(peak_key):
                 cell = f"**{row[peak_key] / 1e9:.2f}**" + (
                     f" ({row[built_key] / 1e9:.2f})" if row.get(built_key) else ""
                 )
-                ratio = payload.get("ratios", {}).get(size, {})
                 if ratio.get(f"{point}_step_over_two_forwards_source", "").startswith("same process"):
                     cell += f", {ratio[f'{point}_step_over_two_forwards']:.2f}×"
             elif guess:

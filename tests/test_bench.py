@@ -479,3 +479,20 @@ def test_study_report_tells_gpu_runs_apart_and_plots_them_on_their_own(tmp_path)
     (tmp_path / "rte_study_gpu.png").unlink()
     plot_studies(tmp_path)
     assert not (tmp_path / "rte_study_gpu.png").exists()
+
+
+def test_overfit_table_shows_a_run_that_diverged_after_its_minimum(tmp_path):
+    """gpu_overfit32_mezo_lr3e-5_2k reached 0.481 at step 624 and ended at loss ~470: the minimum alone would read
+    as a success, so the table carries the final training loss and the divergence flag (committed H200 results)."""
+    import shutil
+
+    from benchmarks.zo_bench.study_report import study_report
+
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "rte_study"
+    for name in ("gpu_overfit32_mezo_lr3e-5_2k", "gpu_overfit32_sparse_lr3e-4_2k"):
+        (tmp_path / name).mkdir()
+        shutil.copy(committed / name / "study_result.json", tmp_path / name)
+    rows = {line.split(" | ")[0].strip("| "): line for line in study_report(tmp_path).splitlines()}
+    mezo, sparse = rows["gpu_overfit32_mezo_lr3e-5_2k"], rows["gpu_overfit32_sparse_lr3e-4_2k"]
+    assert " | 0.481 | 208 / 624 / None | 468 | yes |" in mezo
+    assert " | 0.507 | 496 / None / None | 0.507 | no |" in sparse

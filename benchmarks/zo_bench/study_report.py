@@ -79,14 +79,17 @@ def study_report(results: Path) -> str:
     if over:
         lines += [
             "",
-            "| slow or broken: 32 fixed examples | device | optim | lr | steps run | min train loss (epoch mean) | first step < 0.6 / 0.5 / 0.3 |",
-            "|---|---|---|---|---|---|---|",
+            "| slow or broken: 32 fixed examples | device | optim | lr | steps run | min train loss (epoch mean) | first step < 0.6 / 0.5 / 0.3 | final train loss | diverged |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in over:
             s = r["steps_to_train_loss_below"]
+            curve = r.get("train_curve") or []
+            final = f"{curve[-1]['loss']:.3g}" if curve else "n/a"  # a minimum reached before diverging reads alike
             lines.append(
                 f"| {r['name']} | {device_cell(r)} | {optim_cell(r)} | {r['learning_rate']:g} | {r.get('steps_completed')} | "
-                f"{r['min_train_loss']:.3f} | {s['0.60']} / {s['0.50']} / {s['0.30']} |"
+                f"{r['min_train_loss']:.3f} | {s['0.60']} / {s['0.50']} / {s['0.30']} | {final} | "
+                f"{'yes' if r['diverged'] else 'no'} |"
             )
     for r in rows:
         if r["kind"] == "reference":

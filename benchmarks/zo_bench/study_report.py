@@ -115,7 +115,8 @@ def plot_study(results: Path, path: Path, on_gpu: bool = False) -> None:
     rows = [r for r in load_results(results) if r["kind"] == "train" and device_cell(r).startswith("GPU") == on_gpu]
     if not rows:
         return
-    clock = f"wall-clock (min, {device_cell(rows[0])}, runs sharing it)" if on_gpu else "wall-clock (min, one thread)"
+    gpus = " / ".join(sorted({device_cell(r)[5:-1] for r in rows}))  # runs from several lent machines
+    clock = f"wall-clock (min, GPU ({gpus}), runs sharing one)" if on_gpu else "wall-clock (min, one thread)"
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     styles = {"mezo": "-", "sparse_mezo": "--", "qzo": "-."}
     # the step-0 dev loss (same base model, same dev sample) drawn as every run's starting point

@@ -73,15 +73,38 @@ def _finite(x) -> bool:
 
 @needs_run
 @NEED_QUANT
-def test_speed_quick(out):
+def test_speed_quick(out, tmp_path):
     payload = _run("speed", out)
     results = payload["results"]
-    assert set(results) == {"mezo", "sparse_mezo", "mezo_reference_inplace", "qzo_gptq", "qzo_nf4"}
+    assert set(results) == {
+        "mezo",
+        "sparse_mezo",
+        "mezo_rademacher",
+        "sparse_mezo_rademacher",
+        "mezo_reference_inplace",
+        "qzo_gptq",
+        "qzo_nf4",
+    }
     for row in results.values():
         assert _finite(row["ratio_step_over_two_forwards"]) and _finite(row["two_forwards_seconds_median"])
         assert len(row["step_seconds_all"]) == payload["setup"]["repeats"]
     assert set(payload["goals"]) == {f"{m}_ratio_le_1.15" for m in ("mezo", "sparse_mezo", "qzo_gptq", "qzo_nf4")}
     assert _finite(payload["reference_over_ours_mezo"])
+    assert all(_finite(payload[f"rademacher_over_gaussian_{name}"]) for name in ("mezo", "sparse_mezo"))
+    # zo-bench report prints the Rademacher rows and their ratio to the Gaussian steps; and still reads the committed
+    # speed.json, written before they existed.
+    from benchmarks.zo_bench.report import report
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "speed.json").write_text((out / "speed_quick.json").read_text())
+    text = report(tmp_path / "new")
+    assert "| mezo_rademacher | fp32 |" in text and "| sparse_mezo_rademacher | fp32 |" in text
+    assert "mezo step with Rademacher z / with Gaussian z" in text
+    (tmp_path / "old").mkdir()
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed.json"
+    (tmp_path / "old" / "speed.json").write_text(committed.read_text())
+    text = report(tmp_path / "old")
+    assert "| mezo | fp32 |" in text and "rademacher" not in text.lower()
 
 
 @needs_run
@@ -400,7 +423,10 @@ def test_study_log_parsing_resumed_run(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- one training step
-@pytest.mark.parametrize("optim,extra", [("mezo", {}), ("sparse_mezo", {"zo_sparsity": 0.8})])
+@pytest.mark.parametrize(
+    "optim,extra",
+    [("mezo", {}), ("sparse_mezo", {"zo_sparsity": 0.8}), ("mezo", {"zo_noise": "rademacher"})],
+)
 def test_the_benchmarks_step_is_the_trainers_step(tmp_path, tiny_tokenizer, rte_small, optim, extra):
     """ZOStepper (what speed / memory / growth / the study time) moves the weights exactly as ZOTrainer does."""
     import torch

@@ -166,9 +166,10 @@ class Quadratic(nn.Module):
         return ((self.layer(self.x).squeeze(-1) - self.y) ** 2).mean()
 
 
-def test_projected_gradient_is_directional_derivative_and_descends():
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])  # --zo_noise: both estimates are unbiased.
+def test_projected_gradient_is_directional_derivative_and_descends(distribution):
     model = Quadratic()
-    engine = ZOEngine(parameter_targets(model, lambda *_: True))
+    engine = ZOEngine(parameter_targets(model, lambda *_: True), distribution=distribution)
     (target,) = engine.targets
     model.layer.weight.requires_grad_(True)
     model().backward()

@@ -10,7 +10,9 @@ restoring is exact in every dtype (MeZO's in-place +e, -2e, +e scheme drifts in 
 one layer-sized temporary exists at a time. Under z scheme 2 not even that for the largest tensor, the embedding
 (tied lm_head): its modules run on perturbed rows built a few MB at a time (``_embedding_rows``, ``_linear_rows``).
 
-z is never stored: it is drawn again from its seed for each use (+eps pass, -eps pass, update). On CPU (z scheme 2)
+z is never stored: it is drawn again from its seed for each use (+eps pass, -eps pass, update). Its entries are N(0, 1)
+(the default, as in the MeZO papers) or, opt-in (``zo_noise="rademacher"``), +-1 with probability 1/2 each (SPSA's
+classic direction: also E[z z^T] = I, and about 5x cheaper to draw on CPU than torch's ``normal_``). On CPU (z scheme 2)
 it is drawn in cache-sized blocks, each used at once, so z costs one write of the perturbed copy per pass rather than
 a write and a re-read of a z buffer; the sparse mask is likewise built block by block, in the tensor's dtype.
 """
@@ -122,9 +124,12 @@ class ZOEngine:
     ``engine.update(seeds, coefficients)`` applies ``t -= sum_k coef_k * z_k`` (z regenerated).
     """
 
-    def __init__(self, targets: Sequence[ZOTarget], num_noise_threads: int | None = None):
+    def __init__(
+        self, targets: Sequence[ZOTarget], num_noise_threads: int | None = None, distribution: str = "gaussian"
+    ):
         if not targets:
             raise ValueError("The ZO engine got no tensors to optimise.")
+        self.distribution = self._checked_distribution(distribution)
         self.targets = list(targets)
         for index, target in enumerate(self.targets):
             target.index = index
@@ -134,6 +139,8 @@ class ZOEngine:
                 self._by_module.setdefault(module, []).append(target)
         self._scratch = _Scratch()
         self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
+        self._sign_tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._sign_buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}  # Rademacher scratch of whole blocks.
         self.noise_scheme = self.NOISE_SCHEME  # Replay and resume set the scheme their run used.
         self.num_noise_threads = num_noise_threads or max(1, min(self.NOISE_CHUNKS, torch.get_num_threads()))
         self._executor = None
@@ -215,7 +222,7 @@ class ZOEngine:
         return generator
 
     def noise(self, target: ZOTarget, step_seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """z ~ N(0, 1) for ``target`` at ``step_seed``; private generators, never the global RNG."""
+        """z of ``target`` at ``step_seed`` (N(0, 1) or Rademacher entries); private generators, never the global RNG."""
         reference = target.get()
         if out is None:  # Contiguous, like the scratch buffers training draws into (a strided tensor's z is the same).
             out = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
@@ -230,7 +237,7 @@ class ZOEngine:
         if chunks == 1:
             generator = self._generator(reference.device, 0)
             generator.manual_seed(seed)
-            return out.normal_(generator=generator)
+            return self._draw(out, generator, 0)
         # torch's CPU normal_ runs on one thread: fill contiguous chunks in parallel, each from its own stream.
         flat = out.view(-1)
         bounds = [flat.numel() * i // chunks for i in range(chunks + 1)]
@@ -238,7 +245,7 @@ class ZOEngine:
         def fill(i: int) -> None:
             generator = self._generator(out.device, i)
             generator.manual_seed(_splitmix64(seed ^ (i + 1)) >> 1)
-            flat[bounds[i] : bounds[i + 1]].normal_(generator=generator)
+            self._draw(flat[bounds[i] : bounds[i + 1]], generator, i)
 
         if self.num_noise_threads == 1:
             for i in range(chunks):
@@ -266,26 +273,29 @@ class ZOEngine:
     NOISE_SCHEMES = (1, 2)
     NOISE_BLOCK = 1 << 16
 
-    def noise_config(self) -> dict[str, int]:
+    def noise_config(self) -> dict[str, int | str]:
         """How this engine draws z: what a trajectory or checkpoint records so replay and resume draw the same."""
         return {
             "scheme": self.noise_scheme,
             "cpu_chunks": self.NOISE_CHUNKS,
             "cpu_chunked_min_numel": self._CHUNKED_MIN_NUMEL,
             "block": self.NOISE_BLOCK,
+            "distribution": self.distribution,
         }
 
-    def load_noise_config(self, config: dict[str, int] | None) -> None:
+    def load_noise_config(self, config: dict[str, int | str] | None) -> None:
         """Draw z as ``config`` (from ``noise_config``) says. Without a ``scheme`` (files written before schemes were
-        recorded) it is scheme 1; settings missing from the file keep this engine's defaults."""
+        recorded) it is scheme 1, without a ``distribution`` Gaussian; other settings missing from the file keep this
+        engine's defaults."""
         config = config or {}
+        distribution = self._checked_distribution(config.get("distribution", "gaussian"))
         scheme = config.get("scheme", 1)
         if scheme not in self.NOISE_SCHEMES:
             raise ValueError(
                 f"z was drawn with scheme {scheme}, unknown to this zo_trainer (it knows schemes {self.NOISE_SCHEMES}): "
                 "use the zo_trainer version that wrote the file, or a newer one."
             )
-        self.noise_scheme = scheme
+        self.noise_scheme, self.distribution = scheme, distribution
         self.NOISE_CHUNKS = config.get("cpu_chunks", self.NOISE_CHUNKS)
         self._CHUNKED_MIN_NUMEL = config.get("cpu_chunked_min_numel", self._CHUNKED_MIN_NUMEL)
         self.NOISE_BLOCK = config.get("block", self.NOISE_BLOCK)
@@ -317,7 +327,82 @@ class ZOEngine:
         """z of the block that starts at flat offset ``start`` of a tensor whose stream seed is ``seed``."""
         generator = self._generator(out.device, slot)
         generator.manual_seed(_splitmix64(seed ^ ((start // self.NOISE_BLOCK + 1) * 0xD1B54A32D192ED03 & _MASK64)) >> 1)
-        return out.normal_(generator=generator)
+        return self._draw(out, generator, slot)
+
+    def _draw(self, out: torch.Tensor, generator: torch.Generator, slot: int) -> torch.Tensor:
+        """Fill ``out`` with z entries from ``generator`` (already seeded); ``slot``: the calling thread's scratch."""
+        if self.distribution == "gaussian":
+            return out.normal_(generator=generator)
+        if out.device.type != "cpu":
+            # 1 - 2 * Bernoulli(1/2), in place, no temporary. The bit table below ran 15x slower than normal_ on an H200
+            # (this: 1.6x; the CPU's gain does not carry over, where a ZO step is all forward passes anyway).
+            return out.bernoulli_(0.5, generator=generator).mul_(-2).add_(1)
+        if not out.is_contiguous():  # Not met in training (z goes into contiguous scratch); kept correct anyway.
+            return out.copy_(self._draw(torch.empty(out.shape, dtype=out.dtype, device=out.device), generator, slot))
+        flat = out.view(-1)
+        piece = self.RADEMACHER_PIECE_BLOCKS * self.NOISE_BLOCK
+        if flat.numel() <= piece:  # Always so on the blocked path: a block is one piece.
+            self._rademacher_piece(flat, generator, slot)
+            return out
+        for start in range(0, flat.numel(), piece):
+            self._rademacher_piece(flat[start : start + piece], generator, slot)
+        return out
+
+    # Off the blocked path on CPU (scheme 1, non-contiguous tensors) a Rademacher z stream is drawn in pieces of this
+    # many blocks, so the temporaries (random words, byte indices) stay piece-sized, not tensor-sized.
+    RADEMACHER_PIECE_BLOCKS = 64
+
+    def _rademacher_piece(self, flat: torch.Tensor, generator: torch.Generator, slot: int) -> None:
+        """+-1 entries from random bits (CPU): entry i is bit i % 8 of byte i // 8 of a stream of 64-bit words. Each
+        byte picks a row of 8 signs from a 256-row table: one index_select (~0.3 ns/entry, vs ~2.5 for normal_'s
+        mt19937 + Box-Muller), no per-bit arithmetic over the entries."""
+        numel = flat.numel()
+        key = (slot, numel, flat.dtype, flat.device)
+        buffers = self._sign_buffers.get(key)  # A whole block's, prepared once: a block's draw is ~10 us of torch ops.
+        if buffers is None:
+            buffers = self._rademacher_buffers(numel, flat.dtype, flat.device, slot)
+            if numel == self.NOISE_BLOCK:
+                self._sign_buffers[key] = buffers
+        words, index, source, table = buffers
+        words.random_(-(1 << 63), None, generator=generator)  # All 64 bits (random_() alone leaves the top bit 0).
+        index.copy_(source)
+        full = numel // 8
+        if numel == full * 8:
+            torch.index_select(table, 0, index, out=flat.view(full, 8))
+            return
+        if full:
+            torch.index_select(table, 0, index[:full], out=flat[: full * 8].view(full, 8))
+        # The tail entries come from the first bits of one more byte.
+        flat[full * 8 :].copy_(torch.index_select(table, 0, index[full:])[0, : numel - full * 8])
+
+    def _rademacher_buffers(
+        self, numel: int, dtype: torch.dtype, device: torch.device, slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(random words, byte indices, the words' bytes, sign table) for drawing ``numel`` entries in ``slot``."""
+        num_bytes = -(-numel // 8)
+        words = self._scratch.take((-(-num_bytes // 8),), torch.int64, device, f"bits{slot}")
+        index = self._scratch.take((num_bytes,), torch.int32, device, f"signs{slot}")
+        return words, index, words.view(torch.uint8)[:num_bytes], self._sign_table(dtype, device)
+
+    def _sign_table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(256, 8): row b holds +-1 (exact in every float dtype) from the 8 bits of b, bit k -> column k."""
+        table = self._sign_tables.get((dtype, device))
+        if table is None:
+            # Built on the device itself: no host-to-device copy (a sync on CUDA).
+            bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+            table = (1 - 2 * bits).to(dtype)  # bit 1 -> -1, bit 0 -> +1.
+            self._sign_tables[(dtype, device)] = table
+        return table
+
+    NOISE_DISTRIBUTIONS = ("gaussian", "rademacher")
+
+    def _checked_distribution(self, distribution: str) -> str:
+        if distribution not in self.NOISE_DISTRIBUTIONS:
+            raise ValueError(
+                f"z distribution {distribution!r} is unknown to this zo_trainer (it draws "
+                f"{' or '.join(self.NOISE_DISTRIBUTIONS)}); a file naming it needs a newer zo_trainer."
+            )
+        return distribution
 
     def _pool(self):
         if self._executor is None:

@@ -273,7 +273,7 @@ class ZOTrainer(Trainer):
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.zo_method = method
-        self.zo_engine = ZOEngine(targets)
+        self.zo_engine = ZOEngine(targets, distribution=self.args.zo_noise)
         self.add_callback(ZOCallback(self.zo_engine, method))
         self.add_callback(ZOTrajectoryCallback(self))
         self.add_callback(ZOLayoutCallback(self))
@@ -431,6 +431,7 @@ class ZOTrainer(Trainer):
         compare("zo_eps", saved.get("eps"), args.zo_eps)
         compare("zo_num_perturbations", saved.get("num_perturbations"), args.zo_num_perturbations)
         compare("zo_sparsity", saved.get("sparsity"), method.sparsity)
+        compare("zo_noise", (saved.get("noise") or {}).get("distribution", "gaussian"), args.zo_noise)
         for name, value in (saved.get("method_args") or {}).items():
             compare(name, value, _json_float(getattr(args, name, None)))
         compare("dtype", saved.get("dtype"), str(first.dtype).removeprefix("torch."))
@@ -606,6 +607,7 @@ class ZOTrainer(Trainer):
             f"- zo_sparsity: {method.sparsity} (fraction of each matrix kept frozen)",
             f"- zo_clip: {'none' if clip is None or clip == float('inf') else clip}",
             f"- zo_num_perturbations: {args.zo_num_perturbations}",
+            f"- zo_noise: {self.zo_engine.distribution} (entries of z)",
             f"- learning_rate: {args.learning_rate}",
             f"- steps: {self.state.global_step}",
             f"- seed: {args.seed}",

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
+from .engine import ZOEngine
 from .methods import ZO_METHODS
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class _OptimChoices:
 
 
 _OPTIM_CHOICES = _OptimChoices()
+ZO_NOISE_DISTRIBUTIONS = ZOEngine.NOISE_DISTRIBUTIONS  # --zo_noise choices: how the engine can draw z's entries.
 
 
 @dataclass
@@ -78,6 +80,11 @@ class ZOTrainingArguments(TrainingArguments):
             qzo only: also train the un-quantized tensors (norms, embeddings, lm_head) with dense ZO.
         zo_max_skipped_steps (`int`, *optional*, defaults to `10`):
             Stop with an error after this many consecutive steps skipped for a non-finite loss.
+        zo_noise (`str`, *optional*, defaults to `"gaussian"`):
+            Distribution of the entries of the direction z: `"gaussian"` (N(0, 1), as in the MeZO / Sparse-MeZO /
+            QZO papers) or `"rademacher"` (+-1 with probability 1/2 each, SPSA's classic choice: the estimate is
+            unbiased likewise and z is several times cheaper to draw on CPU). Recorded in the trajectory and
+            checkpoints, so replay and resume draw the same z.
 
     Which of these a method reads is its ``MethodConfig`` (``zo_trainer.methods``), built from these arguments by
     ``MethodConfig.from_training_args``.
@@ -116,6 +123,14 @@ class ZOTrainingArguments(TrainingArguments):
     zo_max_skipped_steps: int = field(
         default=10,
         metadata={"help": "Stop with an error after this many consecutive steps skipped for a non-finite loss."},
+    )
+    zo_noise: str = field(
+        default="gaussian",
+        metadata={
+            "help": "Entries of the direction z: 'gaussian' (N(0, 1), the papers') or 'rademacher' (+-1 with "
+            "probability 1/2, SPSA's; unbiased likewise, several times cheaper to draw on CPU).",
+            "choices": ZO_NOISE_DISTRIBUTIONS,
+        },
     )
 
     @property
@@ -170,6 +185,8 @@ class ZOTrainingArguments(TrainingArguments):
             problems.append(f"learning_rate must be > 0, got {self.learning_rate}.")
         if self.zo_max_skipped_steps < 1:
             problems.append(f"zo_max_skipped_steps must be >= 1, got {self.zo_max_skipped_steps}.")
+        if self.zo_noise not in ZO_NOISE_DISTRIBUTIONS:
+            problems.append(f"zo_noise must be one of {', '.join(ZO_NOISE_DISTRIBUTIONS)}, got {self.zo_noise!r}.")
         if self.fp16:
             problems.append(
                 "fp16 mixed precision needs a backward pass for its loss scaler; ZO has none. Use --bf16, or load the "

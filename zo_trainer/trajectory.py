@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 TRAJECTORY_NAME = "zo_trajectory.json"
 FORMAT = "zo_trainer.trajectory"
-VERSION = 2  # 2: "noise" records the z scheme (engine.noise_config); older readers would replay another z.
+# 2: "noise" records the z scheme (engine.noise_config); older readers would replay another z. 3: "noise" may name a
+# non-Gaussian z distribution; runs with Gaussian z still write 2 (a version-2 reader replays them exactly).
+VERSION = 3
 
 
 class TrajectoryError(ValueError):
@@ -140,7 +142,7 @@ def trajectory_payload(trainer: ZOTrainer) -> dict[str, Any]:
         steps.append(record)
     return {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if engine.distribution != "gaussian" else 2,
         "base_model": base or None,
         "method": method.name,
         "dtype": str(first.dtype).removeprefix("torch."),

@@ -78,6 +78,12 @@ def report(out: Path) -> str:
             )
         if "reference_over_ours_mezo" in speed:
             lines.append(f"\nReference in-place MeZO step / our MeZO step: {speed['reference_over_ours_mezo']:.2f}x")
+        for name in ("mezo", "sparse_mezo"):  # Absent from results written before --zo_noise existed.
+            if f"rademacher_over_gaussian_{name}" in speed:
+                lines.append(
+                    f"\n{name} step with Rademacher z / with Gaussian z (`--zo_noise rademacher`, same rounds): "
+                    f"{speed[f'rademacher_over_gaussian_{name}']:.3f}"
+                )
     mem = load("memory.json")
     if mem:
         st = mem["setup"]

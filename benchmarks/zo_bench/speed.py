@@ -47,6 +47,12 @@ def run_speed(
         m = models["fp32"]
         configs["mezo"] = ("fp32", ZOStepper(m, "mezo").step)
         configs["sparse_mezo"] = ("fp32", ZOStepper(m, "sparse_mezo", zo_sparsity=0.8).step)
+        # The same steps with Rademacher z (--zo_noise rademacher), in the same rounds: the before/after of one run.
+        configs["mezo_rademacher"] = ("fp32", ZOStepper(m, "mezo", zo_noise="rademacher").step)
+        configs["sparse_mezo_rademacher"] = (
+            "fp32",
+            ZOStepper(m, "sparse_mezo", zo_sparsity=0.8, zo_noise="rademacher").step,
+        )
         configs["mezo_reference_inplace"] = ("fp32", MeZOReferenceBaseline(m).step)
     if "gptq" in models:
         configs["qzo_gptq"] = ("gptq", ZOStepper(models["gptq"], "qzo").step)
@@ -142,6 +148,7 @@ def _speed_payload(
             "step": "ZOEngine perturbed(+eps) forward, perturbed(-eps) forward, ZOOptimizer.accumulate + step "
             "(the calls ZOTrainer.training_step and HF's loop make)",
             "reference": "MeZO's zo_step/zo_update: 4 passes over weights, torch.manual_seed + torch.normal per parameter",
+            "noise": "z ~ N(0, 1) (the default) except in the *_rademacher rows: z entries +-1 (--zo_noise rademacher)",
             "statistic": "median step time / median floor time over the timed rounds; each round runs every floor and "
             "step once in a shuffled order; round 0 (warm-up) discarded",
             "param_counts": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
@@ -153,6 +160,11 @@ def _speed_payload(
         payload["reference_over_ours_mezo"] = (
             results["mezo_reference_inplace"]["step_seconds_median"] / results["mezo"]["step_seconds_median"]
         )
+    for name in ("mezo", "sparse_mezo"):  # Step time with Rademacher z / with Gaussian z, same rounds.
+        if f"{name}_rademacher" in results and name in results:
+            payload[f"rademacher_over_gaussian_{name}"] = (
+                results[f"{name}_rademacher"]["step_seconds_median"] / results[name]["step_seconds_median"]
+            )
     return payload
 
 

@@ -39,7 +39,7 @@ class ZOStepper:
         targets = self.method.targets(model)
         for p in model.parameters():  # as ZOTrainer does: nothing asks autograd for gradients
             p.requires_grad_(False)
-        self.engine = ZOEngine(targets)
+        self.engine = ZOEngine(targets, distribution=self.args.zo_noise)
         if self.method.sparsity > 0:
             self.engine.set_thresholds(self.method.sparsity, select=self.method.is_sparsified)
         self.optimizer = ZOOptimizer(

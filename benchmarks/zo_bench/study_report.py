@@ -26,9 +26,10 @@ def _pct(x) -> str:
 def optim_cell(r: dict[str, Any]) -> str:
     """The run's optimiser, with "LoRA r<rank>" when it trained adapters (``use_peft``) rather than the weights."""
     args = r.get("args") or {}
+    noise = " z ±1" if args.get("zo_noise") == "rademacher" else ""  # Gaussian z unless the run said otherwise
     if args.get("use_peft"):
-        return f"{r['optim']} LoRA r{args.get('lora_r', 16)}"
-    return f"{r['optim']} ({r['quantization']})" if r.get("quantization") else str(r["optim"])
+        return f"{r['optim']}{noise} LoRA r{args.get('lora_r', 16)}"
+    return f"{r['optim']}{noise} ({r['quantization']})" if r.get("quantization") else f"{r['optim']}{noise}"
 
 
 def device_cell(r: dict[str, Any]) -> str:

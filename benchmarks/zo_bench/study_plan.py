@@ -199,6 +199,13 @@ PLAN: list[dict[str, Any]] = [
         )
         for seed in seeds
     ),
+    # the same check on the CPU (the GPU runs above were cut off by the device budget): seed 1 of the 1,000-step
+    # mezo main and the 32-example overfit, each as its Gaussian twin but for --zo_noise
+    dict(
+        name="main_mezo_rademacher_lr3e-5_s1",
+        args=dict(optim="mezo", learning_rate=3e-5, max_steps=1000, seed=1, zo_noise="rademacher"),
+    ),
+    overfit("overfit32_mezo_rademacher_lr3e-5", optim="mezo", learning_rate=3e-5, max_steps=300, zo_noise="rademacher"),
 ]
 
 

@@ -175,6 +175,20 @@ def test_merge_refuses_rows_of_the_other_device_and_deadline_skips(tmp_path):
     assert payload["device"] == "cpu" and "deadline" in payload["points"]["tiny/inference_bf16"]["skipped"]
 
 
+def test_rademacher_rows_go_to_a_file_of_their_own(tmp_path):
+    """--zo_noise reaches the worker's engine and is recorded; a file holds one kind of z, so --merge of the other
+    kind is one usage line."""
+    args = ("scale", "--quick", "--points", "mezo_bf16", "--threads", 1, "--nice", 0, "--out", tmp_path)
+    proc = zo_bench(*args, "--zo_noise", "rademacher", "--name", "rad", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads((tmp_path / "rad.json").read_text())
+    row = payload["points"]["tiny/mezo_bf16"]
+    assert payload["zo_noise"] == "rademacher" and row["config"]["zo_noise"] == "rademacher"
+    assert row["zo_noise"] == "rademacher" and all(t > 0 for t in row["step_seconds"])
+    proc = zo_bench(*args, "--merge", "--name", "rad", timeout=120)
+    assert proc.returncode == 2 and "holds rademacher z rows" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_fp16_points_build_an_fp16_model():
     model = bench_scale.build_model(bench_scale.SCALE_SHAPES["tiny"], "fp16")
     assert {p.dtype for p in model.parameters()} == {torch.float16}

@@ -152,7 +152,7 @@ def _process_rss() -> int:
         return 0
 
 
-def _prepare_mode(model: torch.nn.Module, mode: str, loss_fn) -> tuple[Any, dict[str, Any]]:
+def _prepare_mode(model: torch.nn.Module, mode: str, loss_fn, zo_noise: str = "gaussian") -> tuple[Any, dict[str, Any]]:
     """The function one step of ``mode`` runs (the calls ZOTrainer / a first-order loop make) and its extra info."""
     extra: dict[str, Any] = {}
     if mode == "inference":
@@ -173,13 +173,14 @@ def _prepare_mode(model: torch.nn.Module, mode: str, loss_fn) -> tuple[Any, dict
         targets = method.targets(model)
         for p in model.parameters():  # as ZOTrainer does: nothing asks autograd for gradients
             p.requires_grad_(False)
-        engine = ZOEngine(targets)
+        engine = ZOEngine(targets, distribution=zo_noise)
         t1 = time.perf_counter()
         if method.sparsity > 0:
             engine.set_thresholds(method.sparsity, select=method.is_sparsified)
         extra["thresholds_seconds"] = time.perf_counter() - t1
         optimizer = ZOOptimizer(engine, method, lr=1e-6, num_perturbations=1, max_skipped_steps=10)
         extra["zo_targets"] = len(targets)
+        extra["zo_noise"] = engine.distribution  # as the worker's engine drew it
         extra["zo_target_numel"] = engine.total_numel
         state = {"step": 0}
 
@@ -262,7 +263,7 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
     build_peak = _status_bytes("VmHWM")
     rss_after_build = _status_bytes("VmRSS")
     loss_fn = _language_model_loss(model, config, device)
-    run_step, extra = _prepare_mode(model, mode, loss_fn)
+    run_step, extra = _prepare_mode(model, mode, loss_fn, config.get("zo_noise", "gaussian"))
     malloc_trim()
     rss_before_steps = _status_bytes("VmRSS")
     hwm_reset = _reset_hwm()
@@ -312,7 +313,7 @@ def _scale_worker_cuda(config: dict[str, Any], device: torch.device) -> dict[str
     if off_device:
         raise RuntimeError(f"tensors not on {device} after building: {off_device[:5]}")
     loss_fn = _language_model_loss(model, config, device)
-    run_step, extra = _prepare_mode(model, mode, loss_fn)
+    run_step, extra = _prepare_mode(model, mode, loss_fn, config.get("zo_noise", "gaussian"))
     before_steps = probe.snapshot("before_steps")
     torch.cuda.empty_cache()  # reserved then counts what the steps ask for, not the build's leftovers
     probe.reset_peak()
@@ -656,6 +657,7 @@ def run_scale(
     paired_timing: bool = False,
     device: str = "cpu",
     deadline: float | None = None,
+    zo_noise: str = "gaussian",
 ) -> dict[str, Any]:
     """Every (size, point) in a fresh worker; ``deadline`` (seconds for the whole run) caps each point's timeout and
     leaves the points it does not reach unmeasured (``skipped``), so that a run cut short keeps what it measured."""
@@ -675,6 +677,7 @@ def run_scale(
             "seq_len": seq_len,
             "threads": threads,
             "nf4_init": nf4_init,
+            "zo_noise": zo_noise,
             "shapes": {s: {**SCALE_SHAPES[s], "param_count": param_count(SCALE_SHAPES[s])} for s in SCALE_SHAPES},
         }
     )
@@ -694,6 +697,7 @@ def run_scale(
                 "seq_len": seq_len,
                 "threads": threads,
                 "nf4_init": nf4_init,
+                **({"zo_noise": zo_noise} if zo_noise != "gaussian" else {}),  # earlier rows: Gaussian z
             }
             key = _point_key(size, point)
             log_line(f"scale {key} on {device} ...")
@@ -779,6 +783,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ZO points also time two plain forwards in their own process (costs two forwards + one step more)",
     )
     p.add_argument("--merge", action="store_true", help="add to an existing JSON instead of replacing it")
+    p.add_argument(
+        "--zo_noise",
+        choices=["gaussian", "rademacher"],
+        default="gaussian",
+        help="z of the ZO points (zo_trainer's --zo_noise); a file holds one kind (name it with --name)",
+    )
     return p
 
 
@@ -801,6 +811,9 @@ def main_scale(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         merged_device = json.loads(json_path.read_text()).get("device", "cpu")
         if merged_device != args.device:
             parser.error(f"--merge: {json_path} holds {merged_device} rows, this run is --device {args.device}")
+        merged_noise = json.loads(json_path.read_text()).get("zo_noise", "gaussian")
+        if merged_noise != args.zo_noise:
+            parser.error(f"--merge: {json_path} holds {merged_noise} z rows, this run is --zo_noise {args.zo_noise}")
     out.mkdir(parents=True, exist_ok=True)
     payload = run_scale(
         out,
@@ -818,6 +831,7 @@ def main_scale(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         args.paired_timing,
         args.device,
         args.deadline,
+        args.zo_noise,
     )
     failed = [k for k, v in payload["points"].items() if "error" in v and k.split("/")[1] in points]
     for goal in payload["goals"]:

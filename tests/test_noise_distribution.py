@@ -271,19 +271,3 @@ def test_zo_train_resumes_a_rademacher_run_exactly_and_refuses_to_switch_distrib
     expected, got = load_file(str(full / "model.safetensors")), load_file(str(cut / "model.safetensors"))
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert json.loads((cut / "zo_trajectory.json").read_text())["noise"]["distribution"] == "rademacher"
-
-
-def test_rademacher_draws_on_one_noise_thread_unless_told_otherwise():
-    """Rademacher blocks are too short for a second Python thread to pay off, so the engine's default for them is one
-    noise thread (also when a trajectory or checkpoint switches the distribution); an explicit count is kept."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert engine_for(Holder(), threads=None).num_noise_threads == 1
-        gaussian = engine_for(Holder(), threads=None, distribution="gaussian")
-        assert gaussian.num_noise_threads == 2
-        gaussian.load_noise_config({"scheme": 2, "distribution": "rademacher"})
-        assert gaussian.num_noise_threads == 1
-        assert engine_for(Holder(), threads=2).num_noise_threads == 2
-    finally:
-        torch.set_num_threads(threads)

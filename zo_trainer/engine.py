@@ -398,7 +398,6 @@ class ZOEngine:
 
     NOISE_DISTRIBUTIONS = ("gaussian", "rademacher")
 
-
     def _checked_distribution(self, distribution: str) -> str:
         if distribution not in self.NOISE_DISTRIBUTIONS:
             raise ValueError(

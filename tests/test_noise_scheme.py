@@ -81,14 +81,17 @@ def test_an_unknown_scheme_is_refused_in_one_line():
         replay(tiny_model(), payload)
 
 
-def test_scheme_2_z_does_not_depend_on_the_thread_count(monkeypatch):
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_scheme_2_z_does_not_depend_on_the_thread_count(distribution, monkeypatch):
     monkeypatch.setattr(ZOEngine, "NOISE_BLOCK", 256)  # Many blocks per tensor of the tiny model.
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
     results = []
     for threads in (1, 3):
         model = tiny_model()
-        engine = ZOEngine(MeZO(ZOTrainingArguments("unused", optim="mezo", report_to="none")).targets(model), threads)
+        args = ZOTrainingArguments("unused", optim="mezo", report_to="none", zo_noise=distribution)
+        engine = ZOEngine(MeZO(args).targets(model), threads, distribution=args.zo_noise)
         assert engine.noise_scheme == 2 and engine.num_noise_threads == threads
+        assert engine.noise_config()["distribution"] == distribution
         seed = perturbation_seed(0, 0)
         noise = [engine.noise(target, seed) for target in engine.targets]
         with engine.perturbed(seed, 1e-2), torch.no_grad():
@@ -101,6 +104,12 @@ def test_scheme_2_z_does_not_depend_on_the_thread_count(monkeypatch):
     z = noise_a[0].flatten()  # The 96 x 32 embedding: 12 blocks, each its own stream.
     assert not torch.equal(z[:256], z[256:512])
     assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1) < 0.1
+    if distribution == "rademacher":
+        assert all(torch.equal(z.abs(), torch.ones_like(z)) for z in noise_a)
+        # The update moved each entry by +-(1e-2 - 3e-3) or +-(1e-2 + 3e-3): both z's entries are +-1.
+        moved = (weights_a["model.norm.weight"] - state(tiny_model())["model.norm.weight"]).abs()
+        small, large = torch.isclose(moved, torch.tensor(7e-3)), torch.isclose(moved, torch.tensor(1.3e-2))
+        assert torch.all(small | large) and small.any() and large.any()
 
 
 # With optimizer.pt the ZO state comes from it; without (--save_only_model), from zo_trajectory.json.

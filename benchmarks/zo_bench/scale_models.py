@@ -156,7 +156,7 @@ def _gptq_linear(linear: nn.Linear, generator: torch.Generator, device: torch.de
     return layer.to(device)  # built on the CPU (one projection at a time), then moved
 
 
-DENSE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DENSE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_model(
@@ -166,8 +166,8 @@ def build_model(
     nf4_init: str = "random",
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """A random Llama of ``shape`` on ``device``: ``weights`` = bf16 | fp16 (dense) | nf4 | gptq (int4 projections,
-    fp32 rest).
+    """A random Llama of ``shape`` on ``device``: ``weights`` = bf16 | fp16 | fp32 (dense; fp32 = a model loaded as
+    Hugging Face loads it by default, the master weights of mixed precision) | nf4 | gptq (int4 projections, fp32 rest).
 
     Built on the meta device; each module is then materialised on its own directly on ``device`` (an int4
     projection straight into its 4-bit layer), so the peak while building is the model plus one projection.

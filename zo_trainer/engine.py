@@ -13,8 +13,9 @@ one layer-sized temporary exists at a time. Under z scheme 2 not even that for t
 z is never stored: it is drawn again from its seed for each use (+eps pass, -eps pass, update). Its entries are N(0, 1)
 (the default, as in the MeZO papers) or, opt-in (``zo_noise="rademacher"``), +-1 with probability 1/2 each (SPSA's
 classic direction: also E[z z^T] = I, and about 5x cheaper to draw on CPU than torch's ``normal_``). On CPU (z scheme 2)
-it is drawn in cache-sized blocks, each used at once, so z costs one write of the perturbed copy per pass rather than
-a write and a re-read of a z buffer; the sparse mask is likewise built block by block, in the tensor's dtype.
+it is drawn in blocks with a seed each, a cache-sized chunk of consecutive blocks at a time, each chunk used at once, so
+z costs one write of the perturbed copy per pass rather than a write and a re-read of a z buffer; the sparse mask is
+likewise built chunk by chunk, in the tensor's dtype. How blocks are grouped into chunks and threads changes no bit.
 """
 
 from __future__ import annotations
@@ -231,9 +232,7 @@ class ZOEngine:
         seed = target_seed(step_seed, target.index)
         if self._blocked(out):
             flat = out.view(-1)
-            self._for_each_block(
-                flat.numel(), lambda start, stop, slot: self._block_noise(seed, start, flat[start:stop], slot)
-            )
+            self._for_each_chunk(flat, lambda start, stop, slot: self._chunk_noise(seed, start, flat[start:stop], slot))
             return out
         chunks = self._cpu_chunks(out)
         if chunks == 1:
@@ -268,8 +267,8 @@ class ZOEngine:
 
     # How z is drawn. 1: one stream per tensor (NOISE_CHUNKS streams for a large CPU tensor), drawn whole into a
     # tensor-sized buffer before it is applied. 2 (new runs): on CPU, z of a tensor is NOISE_BLOCK-entry blocks with a
-    # stream each, drawn block by block right where it is used (perturbed copy, update) while the block is in cache;
-    # the blocks are split over the noise threads, so z does not depend on the thread count. Elsewhere (CUDA,
+    # stream each, drawn right where it is used (perturbed copy, update) a chunk of blocks at a time, while in cache;
+    # the chunks are split over the noise threads, so z does not depend on the thread count. Elsewhere (CUDA,
     # non-contiguous tensors) both schemes draw one stream per tensor. Trajectories record the scheme (absent: 1).
     NOISE_SCHEME = 2
     NOISE_SCHEMES = (1, 2)
@@ -305,31 +304,105 @@ class ZOEngine:
     def _blocked(self, tensor: torch.Tensor) -> bool:
         return self.noise_scheme >= 2 and tensor.device.type == "cpu" and tensor.is_contiguous()
 
-    def _for_each_block(self, numel: int, fn: Callable[[int, int, int], None]) -> None:
-        """``fn(start, stop, slot)`` for each NOISE_BLOCK-sized block of a flat tensor: contiguous runs of blocks
-        go to the noise threads, ``slot`` (the run's index) picks a thread's generator."""
-        block = self.NOISE_BLOCK
-        self._in_runs(-(-numel // block), lambda index, slot: fn(index * block, min(numel, (index + 1) * block), slot))
+    # The blocked paths work a chunk of up to CHUNK_BLOCKS consecutive blocks at a time: each block is still seeded
+    # and drawn on its own (``_chunk_noise``: z is unchanged), but the elementwise work (perturbed copy, mask, update,
+    # the Rademacher byte -> sign lookup) is one torch op per chunk, not per block. A block's op is 5-15 us, much of it
+    # call overhead and, with two noise threads, GIL hand-offs. Scratch per thread: a chunk of z and of mask (2 MB each
+    # in fp32), together never more than the row paths' own chunk (ROW_CHUNK_BYTES).
+    CHUNK_BLOCKS = 8
+    # An elementwise op's result may depend on how it is split: torch cuts it into one piece per intra-op thread (at
+    # most one per _TORCH_GRAIN entries, pieces of ceil(n / count)), and in each piece the entries after the last
+    # whole pair of SIMD vectors take a scalar path, which in bf16 / fp16 can round otherwise (add with alpha does).
+    # A chunk's ops therefore cover whole blocks only, and only where every piece is whole vector pairs (a multiple
+    # of 64 entries: two 512-bit vectors of a 2-byte dtype) as in the per-block ops; else they stay per block.
+    _TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE
 
-    def _in_runs(self, count: int, fn: Callable[[int, int], None]) -> None:
-        """``fn(index, slot)`` for ``index`` in ``range(count)``, split into contiguous runs over the noise threads."""
-        runs = max(1, min(self.num_noise_threads, count))
-        bounds = [count * i // runs for i in range(runs + 1)]
+    def _whole_vector_pieces(self, numel: int, threads: int) -> bool:
+        """Whether torch's op over ``numel`` entries on ``threads`` threads splits into whole vector pairs only."""
+        pieces = 1 if numel < self._TORCH_GRAIN or threads == 1 else min(threads, -(-numel // self._TORCH_GRAIN))
+        return numel % 64 == 0 and -(-numel // pieces) % 64 == 0
+
+    def _chunk_sizes(self, tensor: torch.Tensor) -> list[int]:
+        """Blocks per chunk of ``tensor`` that ops issued by the calling thread may take, largest first: up to
+        CHUNK_BLOCKS, with the same bits as ops block by block (only 1 where even a block's op has scalar entries
+        inside: only it reproduces them)."""
+        block, threads = self.NOISE_BLOCK, torch.get_num_threads()
+        if not self._whole_vector_pieces(block, threads):
+            return [1]
+        most = max(1, min(self.CHUNK_BLOCKS, self.ROW_CHUNK_BYTES // (2 * block * tensor.element_size())))
+        return [size for size in range(most, 0, -1) if self._whole_vector_pieces(size * block, threads)]
+
+    def _for_each_chunk(
+        self, tensor: torch.Tensor, fn: Callable[[int, int, int], None], blocks: Sequence[int] | None = None
+    ) -> None:
+        """``fn(start, stop, slot)`` for each chunk of the flat view of ``tensor``: [start, stop) are the entries of a
+        run of consecutive blocks among ``blocks`` (sorted block indices; default: all); a partial last block is a
+        chunk of its own. The blocks are first split into contiguous runs, one per noise thread (``slot``: the run's
+        index, which picks the thread's generator and scratch), then each run into chunks: a tensor of a few blocks
+        still spreads over the threads."""
+        block, numel = self.NOISE_BLOCK, tensor.numel()
+        whole = numel // block  # Index of the partial last block, if any.
+        blocks = range(-(-numel // block)) if blocks is None else blocks
+        runs = max(1, min(self._chunk_threads(), len(blocks)))
+        bounds = [len(blocks) * i // runs for i in range(runs + 1)]
 
         def work(run: int) -> None:
-            for index in range(bounds[run], bounds[run + 1]):
-                fn(index, run)
+            sizes = self._chunk_sizes(tensor)  # In the thread that issues the ops: its intra-op thread count.
+
+            def chunks(first: int, end: int) -> None:  # Consecutive blocks [first, end), in chunks of allowed sizes.
+                while first < end:
+                    size = next(size for size in sizes if size <= end - first)
+                    fn(first * block, min(numel, (first + size) * block), run)
+                    first += size
+
+            first = end = -1  # The run of consecutive blocks being gathered: [first, end).
+            for index in blocks[bounds[run] : bounds[run + 1]]:
+                if index != end or end - first == sizes[0] or index == whole:
+                    chunks(first, end)
+                    first = index
+                end = index + 1
+            chunks(first, end)
 
         if runs == 1:
             work(0)
         else:
             list(self._pool().map(work, range(runs)))
 
+    # Rademacher chunks run on the calling thread: their ops are short, and two Python threads issuing short torch
+    # ops are slower in total than one (GIL hand-offs); torch's own threads run each chunk op in parallel instead.
+    # Gaussian blocks' normal_ calls are long (~150 us) and single-threaded in torch: they scale over noise threads.
+    RADEMACHER_THREADS = 1
+
+    def _chunk_threads(self) -> int:
+        if self.distribution == "rademacher" and self.RADEMACHER_THREADS:
+            return min(self.RADEMACHER_THREADS, self.num_noise_threads)
+        return self.num_noise_threads
+
     def _block_noise(self, seed: int, start: int, out: torch.Tensor, slot: int) -> torch.Tensor:
         """z of the block that starts at flat offset ``start`` of a tensor whose stream seed is ``seed``."""
-        generator = self._generator(out.device, slot)
+        return self._draw(out, self._block_generator(seed, start, out.device, slot), slot)
+
+    def _block_generator(self, seed: int, start: int, device: torch.device, slot: int) -> torch.Generator:
+        """The ``slot`` generator, seeded for the block that starts at flat offset ``start``."""
+        generator = self._generator(device, slot)
         generator.manual_seed(_splitmix64(seed ^ ((start // self.NOISE_BLOCK + 1) * 0xD1B54A32D192ED03 & _MASK64)) >> 1)
-        return self._draw(out, generator, slot)
+        return generator
+
+    def _chunk_noise(self, seed: int, start: int, out: torch.Tensor, slot: int) -> torch.Tensor:
+        """z of the consecutive blocks from block-aligned flat offset ``start`` that ``out`` covers (the last one may be
+        a tensor's partial last block): ``_block_noise`` of each block, bit for bit. Rademacher: each block's words are
+        drawn from its own seed into one chunk-sized word buffer, then turned into signs by one lookup for the chunk."""
+        block, numel = self.NOISE_BLOCK, out.numel()
+        if self.distribution == "gaussian" or block % 64 or out.device.type != "cpu" or not out.is_contiguous():
+            for offset in range(0, numel, block):
+                self._block_noise(seed, start + offset, out[offset : offset + block], slot)
+            return out
+        words, index, source, table = self._rademacher_buffers(numel, out.dtype, out.device, slot)
+        for offset in range(0, numel, block):  # A block's entries are the bits of its own words (64 per word).
+            generator = self._block_generator(seed, start + offset, out.device, slot)
+            words[offset // 64 : -(-min(numel, offset + block) // 64)].random_(-(1 << 63), None, generator=generator)
+        self._signs(out.view(-1), index, source, table)
+        return out
 
     def _draw(self, out: torch.Tensor, generator: torch.Generator, slot: int) -> torch.Tensor:
         """Fill ``out`` with z entries from ``generator`` (already seeded); ``slot``: the calling thread's scratch."""
@@ -367,6 +440,12 @@ class ZOEngine:
                 self._sign_buffers[key] = buffers
         words, index, source, table = buffers
         words.random_(-(1 << 63), None, generator=generator)  # All 64 bits (random_() alone leaves the top bit 0).
+        self._signs(flat, index, source, table)
+
+    @staticmethod
+    def _signs(flat: torch.Tensor, index: torch.Tensor, source: torch.Tensor, table: torch.Tensor) -> None:
+        """Fill ``flat`` with the signs of the random bytes ``source`` (``index``: their int32 scratch)."""
+        numel = flat.numel()
         index.copy_(source)
         full = numel // 8
         if numel == full * 8:
@@ -450,34 +529,33 @@ class ZOEngine:
             return torch.add(original, z, alpha=signed_eps, out=z)
         return torch.addcmul(original, z, mask, value=signed_eps, out=z)
 
-    def _block_mask(self, target: ZOTarget, values: torch.Tensor, slot: int) -> torch.Tensor:
-        """``mask`` of one block, in a block-sized buffer of the thread ``slot``: no tensor-sized mask is kept."""
+    def _chunk_mask(self, target: ZOTarget, values: torch.Tensor, slot: int) -> torch.Tensor:
+        """``mask`` of one chunk, in a chunk-sized buffer of the thread ``slot``: no tensor-sized mask is kept."""
         return torch.abs(values, out=self._scratch.get(values, f"mask{slot}")).le_(target.threshold)
 
     def _perturbed_tensor_blocked(
         self, target: ZOTarget, original: torch.Tensor, step_seed: int, signed_eps: float
     ) -> torch.Tensor:
-        """As ``_perturbed_tensor``, block by block: each block of z is drawn into the output and used at once."""
+        """As ``_perturbed_tensor``, chunk by chunk: each chunk of z is drawn into the output and used at once."""
         seed = target_seed(step_seed, target.index)
         out = self._noise_buffer(target, original)
         flat_out, flat_original = out.view(-1), original.view(-1)
 
-        def block(start: int, stop: int, slot: int) -> None:
-            z = self._block_noise(seed, start, flat_out[start:stop], slot)
-            self._perturb_block(target, flat_original[start:stop], z, signed_eps, slot)
+        def chunk(start: int, stop: int, slot: int) -> None:
+            z = self._chunk_noise(seed, start, flat_out[start:stop], slot)
+            self._perturb_chunk(target, flat_original[start:stop], z, signed_eps, slot)
 
-        self._for_each_block(flat_out.numel(), block)
+        self._for_each_chunk(flat_out, chunk)
         return out
 
-    def _perturb_block(
+    def _perturb_chunk(
         self, target: ZOTarget, values: torch.Tensor, z: torch.Tensor, signed_eps: float, slot: int
     ) -> torch.Tensor:
-        """``values + eps * z (* mask)`` over one whole block, written over z. Always whole blocks at their own
-        offsets: the vectorised kernels then split every block alike, so each entry comes out bit for bit the same
-        whichever path (full copy, rows, chunks) asked for it."""
+        """``values + eps * z (* mask)`` over a chunk (``_for_each_chunk``), written over z: each entry comes out bit
+        for bit as an op over its block alone gives it, whichever path (full copy, rows) asked for it."""
         if target.threshold is None:
             return torch.add(values, z, alpha=signed_eps, out=z)
-        return torch.addcmul(values, z, self._block_mask(target, values, slot), value=signed_eps, out=z)
+        return torch.addcmul(values, z, self._chunk_mask(target, values, slot), value=signed_eps, out=z)
 
     # ----- row-blocked perturbation of the vocabulary tensors ---------------------------------------------------
     # The embedding / lm_head is the largest tensor of a small LM (a tied 49152 x 576 one is 113 MB in fp32, a 128256
@@ -517,9 +595,10 @@ class ZOEngine:
         self, target: ZOTarget, weight: torch.Tensor, ids: torch.Tensor, step_seed: int, signed_eps: float
     ) -> torch.Tensor:
         """``embedding(ids, w + eps * z)`` from the rows the batch reads: the z blocks covering them are drawn and
-        perturbed whole (as the full path does), and only those rows' pieces are copied out."""
+        perturbed whole (as the full path does), a chunk of consecutive ones at a time, and only those rows' pieces
+        are copied out."""
         seed, block = target_seed(step_seed, target.index), self.NOISE_BLOCK
-        numel, width = weight.numel(), weight.shape[1]
+        width = weight.shape[1]
         rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
         picked = self._scratch.take((rows.numel(), width), weight.dtype, weight.device, self._copy_slot())
         # The pieces of the rows in each block (a row may straddle blocks): [lo, hi) in the flat tensor, and where
@@ -532,25 +611,25 @@ class ZOEngine:
         touched, counts = torch.unique_consecutive(blocks[piece], return_counts=True)
         lo, hi, into = (values[piece].tolist() for values in (lo, hi, into))
         touched, ends = touched.tolist(), torch.cumsum(counts, 0).tolist()
+        position = {index: i for i, index in enumerate(touched)}  # Block -> its place in ``touched`` (and ``ends``).
         flat, flat_picked = weight.view(-1), picked.view(-1)
 
-        def fill(index: int, slot: int) -> None:
-            start = touched[index] * block
-            stop = min(numel, start + block)
-            z = self._scratch.take((block,), weight.dtype, weight.device, f"rowz{slot}")[: stop - start]
-            self._perturb_block(target, flat[start:stop], self._block_noise(seed, start, z, slot), signed_eps, slot)
-            for k in range(ends[index - 1] if index else 0, ends[index]):  # A copy per row piece, not per entry.
+        def fill(start: int, stop: int, slot: int) -> None:
+            z = self._scratch.take((stop - start,), weight.dtype, weight.device, f"rowz{slot}")
+            self._perturb_chunk(target, flat[start:stop], self._chunk_noise(seed, start, z, slot), signed_eps, slot)
+            first, last = position[start // block], position[(stop - 1) // block]
+            for k in range(ends[first - 1] if first else 0, ends[last]):  # A copy per row piece, not per entry.
                 flat_picked[into[k] : into[k] + hi[k] - lo[k]].copy_(z[lo[k] - start : hi[k] - start])
 
-        self._in_runs(len(touched), fill)
+        self._for_each_chunk(weight, fill, touched)
         return picked.index_select(0, inverse.view(-1)).view(*ids.shape, width)
 
     def _linear_rows(
         self, target: ZOTarget, weight: torch.Tensor, x: torch.Tensor, step_seed: int, signed_eps: float
     ) -> torch.Tensor:
         """``linear(x, w + eps * z)`` in row chunks: each chunk's perturbed rows are built (whole z blocks, as the
-        full path) in a small buffer and multiplied straight into their columns of the output. A row cut by the
-        chunk's end is carried to the start of the next chunk, so every block is drawn once."""
+        full path, a noise chunk at a time) in a small buffer and multiplied straight into their columns of the
+        output. A row cut by the chunk's end is carried to the start of the next chunk, so every block is drawn once."""
         seed, block = target_seed(step_seed, target.index), self.NOISE_BLOCK
         (num_rows, width), numel = weight.shape, weight.numel()
         blocks_per_chunk = max(1, self.ROW_CHUNK_BYTES // (block * weight.element_size()))
@@ -563,13 +642,11 @@ class ZOEngine:
         for first in range(0, -(-numel // block), blocks_per_chunk):
             base, end = first * block, min(numel, (first + blocks_per_chunk) * block)
 
-            def fill(index: int, slot: int, base: int = base, end: int = end, carry: int = carry) -> None:
-                start = base + index * block
-                stop = min(end, start + block)
-                z = self._block_noise(seed, start, chunk[carry + start - base : carry + stop - base], slot)
-                self._perturb_block(target, flat[start:stop], z, signed_eps, slot)
+            def fill(start: int, stop: int, slot: int, base: int = base, carry: int = carry) -> None:
+                z = self._chunk_noise(seed, start, chunk[carry + start - base : carry + stop - base], slot)
+                self._perturb_chunk(target, flat[start:stop], z, signed_eps, slot)
 
-            self._in_runs(-(-(end - base) // block), fill)
+            self._for_each_chunk(weight, fill, range(first, -(-end // block)))
             filled = carry + end - base
             full = filled // width
             if full:
@@ -641,30 +718,29 @@ class ZOEngine:
         coefficients: Sequence[float],
         lr: float,
     ) -> torch.Tensor | None:
-        """``update`` of one target, block by block (same float operations per entry); returns the masked count."""
+        """``update`` of one target, chunk by chunk (same float operations per entry); returns the masked count."""
         seeds = [target_seed(step_seed, target.index) for step_seed in step_seeds]
         flat = tensor.view(-1)
-        # z of a large tensor goes into block-sized buffers per thread: a tensor-sized one would stay resident
+        # z of a large tensor goes into chunk-sized buffers per thread: a tensor-sized one would stay resident
         # between steps, which the row paths avoid. A small tensor reuses its (tensor-sized) perturbation buffer.
         flat_z = None if self._row_sized(tensor) else self._noise_buffer(target, tensor).view(-1)
         counts: list[list[torch.Tensor]] = [[] for _ in range(self.num_noise_threads)]
         decay = -lr * target.weight_decay if target.weight_decay and lr else 0.0
 
-        def block(start: int, stop: int, slot: int) -> None:
+        def chunk(start: int, stop: int, slot: int) -> None:
             if flat_z is None:
-                scratch = self._scratch.take((self.NOISE_BLOCK,), tensor.dtype, tensor.device, f"rowz{slot}")
-                scratch = scratch[: stop - start]
+                scratch = self._scratch.take((stop - start,), tensor.dtype, tensor.device, f"rowz{slot}")
             else:
                 scratch = flat_z[start:stop]
             values = flat[start:stop]
             mask = None
             if target.threshold is not None:  # From the values before this update, as in the forward passes.
-                mask = self._block_mask(target, values, slot)
-                counts[slot].append(torch.count_nonzero(mask))
+                mask = self._chunk_mask(target, values, slot)
+                counts[slot].append(self._count_ones(mask))
             for seed, coefficient in zip(seeds, coefficients):
                 if coefficient == 0.0:
                     continue
-                z = self._block_noise(seed, start, scratch, slot)
+                z = self._chunk_noise(seed, start, scratch, slot)
                 if mask is None:
                     values.add_(z, alpha=-coefficient)
                 else:
@@ -677,11 +753,20 @@ class ZOEngine:
             if target.min_value is not None:
                 values.clamp_(min=target.min_value)
 
-        self._for_each_block(flat.numel(), block)
+        self._for_each_chunk(flat, chunk)
         if target.threshold is None:
             return None
         found = [count for per_slot in counts for count in per_slot]
-        return torch.stack(found).sum() if found else torch.zeros((), dtype=torch.int64, device=tensor.device)
+        if not found:
+            return torch.zeros((), dtype=torch.int64, device=tensor.device)
+        return torch.stack(found).sum(dtype=torch.float64).to(torch.int64)  # Whole numbers < 2^53: exact.
+
+    @staticmethod
+    def _count_ones(mask: torch.Tensor) -> torch.Tensor:
+        """Number of ones of a 0/1 float mask chunk, as a float tensor: a sum, exact as every partial sum is a whole
+        number below 2^24 (float32) or 2^53. ``count_nonzero`` branches on each entry: ~3 ns per entry of a random
+        mask on CPU, 40x the sum, and 0.3 s of a SmolLM2 Sparse-MeZO update."""
+        return mask.sum(dtype=torch.float32 if mask.numel() < 1 << 24 else torch.float64)
 
     def pop_mask_fraction(self) -> float | None:
         """Mean fraction of entries updated since the last call (None when every target is dense)."""

@@ -134,7 +134,7 @@ def test_gpu_rows_are_judged_by_the_gpu_peak_and_plotted_apart(tmp_path):
             "7b/qzo_gptq": {"config": {"device": "cuda"}, "skipped": "gptqmodel is not installed"},
         },
     }
-    bench_scale._derived(payload)
+    bench_scale.derive_ratios_and_goals(payload)
     goals = {g["goal"].split(" peak")[0].split(" (")[0]: g for g in payload["goals"]}
     assert goals["7b qzo int4"]["status"] == "met" and goals["7b qzo int4"]["value_gb"] == pytest.approx(4.6)
     assert goals["7b mezo fp16"]["status"] == "not met"
@@ -247,7 +247,7 @@ def test_adamw_over_qzo_goals_in_both_accountings_and_the_pure_bf16_bound():
             "7b/qzo_nf4": row("qzo_nf4", "7b", 5.5e9, stored=4.3e9),
         },
     }
-    bench_scale._derived(payload)
+    bench_scale.derive_ratios_and_goals(payload)
     amp7 = payload["computed"]["7b/adamw_amp"]
     assert amp7["label"] == "computed" and amp7["bytes_per_param"] == pytest.approx(17)
     assert amp7["step_peak_rss_bytes"] == pytest.approx(start + 17 * n7)
@@ -278,7 +278,7 @@ def test_adamw_over_qzo_goals_in_both_accountings_and_the_pure_bf16_bound():
             "7b/qzo_nf4": row("qzo_nf4", "7b", 5.0e9, stored=4.3e9, device="cuda"),
         },
     }
-    bench_scale._derived(gpu)
+    bench_scale.derive_ratios_and_goals(gpu)
     by_point = {g.get("adamw_point"): g for g in gpu["goals"] if "7b GPU (AdamW full FT" in g["goal"]}
     assert by_point["adamw_bf16"]["value"] == pytest.approx(10.8)
     assert by_point["adamw_bf16"]["status"] == "not met (AdamW measured, QZO measured)"
@@ -344,7 +344,7 @@ def test_time_goals_name_the_batch_they_were_measured_at():
     goals = {}
     for name in ("scale", "scale_b16", "scale_b16_rademacher"):
         payload = json.loads((results / f"{name}.json").read_text())
-        bench_scale._derived(payload)  # recomputed from the rows, as a fresh run would write them
+        bench_scale.derive_ratios_and_goals(payload)  # recomputed from the rows, as a fresh run would write them
         goals[name] = {g["goal"]: g for g in payload["goals"]}
     assert "1b mezo step / two forwards <= 1.15 (batch 1 x 128 here, not 16 x 128)" in goals["scale"]
     for name in ("scale_b16", "scale_b16_rademacher"):

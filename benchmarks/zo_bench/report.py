@@ -53,9 +53,12 @@ def report(out: Path) -> str:
     for name in ("scale.json", "scale_cuda.json"):
         d = load(name)
         if d is not None:
-            from .scale import _derived, scale_table  # imports torch: only when there is a scale file to print
+            # imports torch: only when there is a scale file to print
+            from .scale import derive_ratios_and_goals, scale_table
 
-            _derived(d)  # ratios, computed rows and goals as this version defines them, from the measured rows
+            derive_ratios_and_goals(
+                d
+            )  # ratios, computed rows and goals as this version defines, from the measured rows
             lines += [
                 "",
                 f"Peak memory at real shapes ({name}: {d.get('device', 'cpu')}, batch {d['batch_size']} x {d['seq_len']}; GB):",

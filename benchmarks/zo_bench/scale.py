@@ -411,7 +411,7 @@ def _point_key(size: str, point: str) -> str:
     return f"{size}/{point}"
 
 
-def _derived(payload: dict[str, Any]) -> None:
+def derive_ratios_and_goals(payload: dict[str, Any]) -> None:
     """Ratios, computed rows and the issue's goals from the measured points (in place)."""
     measured = payload["points"]
     sizes = payload["sizes"]
@@ -852,7 +852,7 @@ def _skip_reason(weights: str, seconds_left: float) -> str | None:
 
 def _update(payload: dict[str, Any], json_path: Path) -> None:
     payload["sizes"] = sorted({k.split("/")[0] for k in payload["points"]}, key=lambda s: param_count(SCALE_SHAPES[s]))
-    _derived(payload)
+    derive_ratios_and_goals(payload)
     write_json(json_path, payload)  # after every point: a long run keeps what it measured
 
 

@@ -56,9 +56,8 @@ def report(out: Path) -> str:
             # imports torch: only when there is a scale file to print
             from .scale import derive_ratios_and_goals, scale_table
 
-            derive_ratios_and_goals(
-                d
-            )  # ratios, computed rows and goals as this version defines, from the measured rows
+            # ratios, computed rows and goals as this version defines them, from the measured rows
+            derive_ratios_and_goals(d)
             lines += [
                 "",
                 f"Peak memory at real shapes ({name}: {d.get('device', 'cpu')}, batch {d['batch_size']} x {d['seq_len']}; GB):",

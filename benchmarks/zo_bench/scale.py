@@ -492,7 +492,7 @@ def derive_ratios_and_goals(payload: dict[str, Any]) -> None:
         payload["goals"] = _goals_cuda(ratios, peak, any_peak, stored_bytes)
     else:
         shape = (payload.get("batch_size", 1), payload.get("seq_len", 128))
-        payload["goals"] = _goals_cpu(ratios, peak, any_peak, shape, stored_bytes)
+        payload["goals"] = _goals_cpu(ratios, peak, any_peak, stored_bytes, shape)
 
 
 # Issue 11's "(AdamW bf16 full FT) / (QZO int4) at 7B >= the paper's 18x", judged in both meanings of "bf16 full FT".
@@ -637,7 +637,7 @@ def scale_table(payload: dict[str, Any]) -> str:
 
 
 def _goals_cpu(
-    ratios: dict[str, dict[str, Any]], peak, any_peak, batch_shape: tuple[int, int] = (1, 128), stored_bytes=None
+    ratios: dict[str, dict[str, Any]], peak, any_peak, stored_bytes, batch_shape: tuple[int, int]
 ) -> list[dict[str, Any]]:
     batch, seq = batch_shape  # the time goals are set at batch 16 x 128 (the SmolLM2 figures')
     timing = "(batch 16 x 128)" if batch_shape == (16, 128) else f"(batch {batch} x {seq} here, not 16 x 128)"
@@ -656,7 +656,7 @@ def _goals_cpu(
             )
         else:
             goals.append({"goal": f"{size} qzo int4 peak RSS < {limit} GB", "status": "not measured"})
-    goals += adamw_over_qzo_goals(peak, any_peak, stored_bytes or (lambda size, point: None))
+    goals += adamw_over_qzo_goals(peak, any_peak, stored_bytes)
     worst = [(v, f"{s}:{k}") for s, r in ratios.items() for k, v in r.items() if k.endswith("peak_over_inference")]
     if worst:
         value, where = max(worst)

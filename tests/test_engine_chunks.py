@@ -1,12 +1,15 @@
 """z scheme 2 works a chunk of several NOISE_BLOCK blocks at a time (``ZOEngine.CHUNK_BLOCKS``): each block is still
 seeded and drawn on its own, only the elementwise work is one op per chunk. Here every chunked path is checked, bit for
-bit, against a per-block reference built in the test from ``ZOEngine._block_noise`` (one block, one seed, one op), on
-tensors whose last block is partial and whose block count the chunk size does not divide; and z itself is pinned to
-the values the per-block engine of git 9f34871 drew, so a change of z cannot pass unnoticed."""
+bit, against a per-block reference built in the test from ``ZOEngine._block_noise`` (one block, one seed, one op on one
+intra-op thread), on tensors whose last block is partial and whose block count the chunk size does not divide, on 1-3
+intra-op threads; and z itself is pinned to the values the per-block engine of git 9f34871 drew, so a change of z
+cannot pass unnoticed."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 
 import pytest
 import torch
@@ -63,7 +66,23 @@ def block_mask(values: torch.Tensor, threshold: float | None) -> torch.Tensor | 
     return None if threshold is None else (values.abs() <= threshold).to(values.dtype)
 
 
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """The reference's ops run on one thread: in bf16 an op split over threads can round an entry otherwise."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def reference_perturbed(engine: ZOEngine, target, step_seed: int, signed_eps: float) -> torch.Tensor:
+    with one_intra_op_thread():
+        return _reference_perturbed(engine, target, step_seed, signed_eps)
+
+
+def _reference_perturbed(engine: ZOEngine, target, step_seed: int, signed_eps: float) -> torch.Tensor:
     z = reference_z(engine, target, step_seed)
     out = torch.empty_like(z)
     for values, z_block, out_block in block_pairs(engine.NOISE_BLOCK, target.get(), z, out):
@@ -77,6 +96,11 @@ def reference_perturbed(engine: ZOEngine, target, step_seed: int, signed_eps: fl
 
 def reference_update(engine: ZOEngine, expected: list[torch.Tensor], seeds, coefficients, lr: float) -> int:
     """``engine.update`` block by block on ``expected`` (copies of the targets' tensors); returns the masked count."""
+    with one_intra_op_thread():
+        return _reference_update(engine, expected, seeds, coefficients, lr)
+
+
+def _reference_update(engine: ZOEngine, expected: list[torch.Tensor], seeds, coefficients, lr: float) -> int:
     count = 0
     for target, tensor in zip(engine.targets, expected):
         zs = [reference_z(engine, target, seed) for seed in seeds]
@@ -165,8 +189,9 @@ def test_real_blocks_keep_the_per_block_bits_on_any_torch_thread_count(
 ):
     """Default 65536-entry blocks, 9 and a partial one of 40001. torch splits an op over its threads, and in bf16 and
     fp16 an entry in the scalar tail of a split piece can round otherwise than in the vector body: chunks must be cut
-    where every piece stays whole vectors, as in the per-block ops (on 3 threads: chunks of 6, 3 or 1 blocks), and the
-    partial block is an op of its own. Dense (``add``, ``add_``, ``mul_``) and masked (``addcmul``) targets."""
+    where every piece stays whole vectors (on 3 threads: chunks of 6, 3 or 1 blocks), and the partial block, which no
+    split on 2-3 threads keeps whole, is worked on one thread, so the bits are the same on every thread count and in
+    the noise threads (one intra-op thread each). Dense (``add``, ``add_``, ``mul_``) and masked (``addcmul``)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(intra_op_threads)
     try:
@@ -246,3 +271,20 @@ def test_scheme_2_z_values_are_pinned(distribution, dtype, threads):
     assert engine.noise_scheme == 2 and engine.NOISE_BLOCK == 1 << 16
     z = engine.noise(engine.targets[0], 5)
     assert hashlib.sha256(z.view(torch.uint8).numpy().tobytes()).hexdigest() == GOLDEN_Z[(distribution, dtype)]
+
+
+def test_noise_threads_leave_no_openmp_teams_and_keep_the_process_thread_count():
+    """The noise threads run their ops on one intra-op thread (a thread that ran a parallel op keeps an OpenMP team,
+    and spare teams slow every forward of the process); torch's count for threads started later is left as it was."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = engine_for(Layer(torch.float32), "gaussian", 2)
+        assert [engine._pool().submit(torch.get_num_threads).result() for _ in range(4)] == [1, 1, 1, 1]
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

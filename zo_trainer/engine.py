@@ -322,11 +322,11 @@ class ZOEngine:
         pieces = 1 if numel < self._TORCH_GRAIN or threads == 1 else min(threads, -(-numel // self._TORCH_GRAIN))
         return numel % 64 == 0 and -(-numel // pieces) % 64 == 0
 
-    def _chunk_sizes(self, tensor: torch.Tensor) -> list[int]:
-        """Blocks per chunk of ``tensor`` that ops issued by the calling thread may take, largest first: up to
-        CHUNK_BLOCKS, with the same bits as ops block by block (only 1 where even a block's op has scalar entries
-        inside: only it reproduces them)."""
-        block, threads = self.NOISE_BLOCK, torch.get_num_threads()
+    def _chunk_sizes(self, tensor: torch.Tensor, threads: int) -> list[int]:
+        """Blocks per chunk of ``tensor`` that ops on ``threads`` intra-op threads may take, largest first: up to
+        CHUNK_BLOCKS, with the bits of per-block ops on one thread (only 1 where even a block is not whole vector
+        pairs: only per-block ops reproduce its scalar tail)."""
+        block = self.NOISE_BLOCK
         if not self._whole_vector_pieces(block, threads):
             return [1]
         most = max(1, min(self.CHUNK_BLOCKS, self.ROW_CHUNK_BYTES // (2 * block * tensor.element_size())))
@@ -347,21 +347,31 @@ class ZOEngine:
         bounds = [len(blocks) * i // runs for i in range(runs + 1)]
 
         def work(run: int) -> None:
-            sizes = self._chunk_sizes(tensor)  # In the thread that issues the ops: its intra-op thread count.
+            # Every op must give the bits of per-block ops on one intra-op thread, whatever the thread count here: a
+            # split into pieces that are not whole vector pairs (a partial last block; a block size whose halves are
+            # not) runs on one thread.
+            threads = torch.get_num_threads()
+            with _one_intra_op_thread() if not self._whole_vector_pieces(block, threads) else contextlib.nullcontext():
+                sizes = self._chunk_sizes(tensor, torch.get_num_threads())
 
-            def chunks(first: int, end: int) -> None:  # Consecutive blocks [first, end), in chunks of allowed sizes.
-                while first < end:
-                    size = next(size for size in sizes if size <= end - first)
-                    fn(first * block, min(numel, (first + size) * block), run)
-                    first += size
+                def chunks(first: int, end: int) -> None:  # Consecutive blocks [first, end), in allowed chunk sizes.
+                    while first < end:
+                        size = next(size for size in sizes if size <= end - first)
+                        start, stop = first * block, min(numel, (first + size) * block)
+                        if self._whole_vector_pieces(stop - start, torch.get_num_threads()):
+                            fn(start, stop, run)
+                        else:
+                            with _one_intra_op_thread():
+                                fn(start, stop, run)
+                        first += size
 
-            first = end = -1  # The run of consecutive blocks being gathered: [first, end).
-            for index in blocks[bounds[run] : bounds[run + 1]]:
-                if index != end or end - first == sizes[0] or index == whole:
-                    chunks(first, end)
-                    first = index
-                end = index + 1
-            chunks(first, end)
+                first = end = -1  # The run of consecutive blocks being gathered: [first, end).
+                for index in blocks[bounds[run] : bounds[run + 1]]:
+                    if index != end or end - first == sizes[0] or index == whole:
+                        chunks(first, end)
+                        first = index
+                    end = index + 1
+                chunks(first, end)
 
         if runs == 1:
             work(0)
@@ -486,10 +496,26 @@ class ZOEngine:
         return distribution
 
     def _pool(self):
+        """The noise threads. Each runs its torch ops on one intra-op thread: a thread that runs a parallel op owns an
+        OpenMP team for good, and while a process has more such threads than cores, OpenMP stops spinning between
+        parallel regions, so every other forward in the process slows (SmolLM2: a Rademacher step / two forwards
+        1.18 beside a Gaussian engine's pool, 1.10 without). The threads together still use every core."""
         if self._executor is None:
+            import threading
             from concurrent.futures import ThreadPoolExecutor
 
-            self._executor = ThreadPoolExecutor(self.num_noise_threads, thread_name_prefix="zo-noise")
+            # torch.set_num_threads also sets the count that threads started later take up: put it back once every
+            # noise thread has set its own (the barrier holds them until all have started).
+            process_default = torch.get_num_threads()
+            started = threading.Barrier(self.num_noise_threads + 1)
+            executor = ThreadPoolExecutor(
+                self.num_noise_threads, thread_name_prefix="zo-noise", initializer=_noise_thread_init
+            )
+            for _ in range(self.num_noise_threads):
+                executor.submit(started.wait)
+            started.wait()
+            torch.set_num_threads(process_default)
+            self._executor = executor
         return self._executor
 
     def mask(self, target: ZOTarget, tensor: torch.Tensor) -> torch.Tensor | None:
@@ -815,6 +841,25 @@ class ZOEngine:
                 target.threshold = thresholds[target.name]
         # Accelerate round-trips the optimizer state at prepare time: all-None thresholds mean not fixed yet.
         self.thresholds_fixed = any(value is not None for value in thresholds.values())
+
+
+def _noise_thread_init() -> None:
+    torch.get_num_threads()  # torch sets a thread's count on its first query: before the override, not after.
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """torch ops of the calling thread on one intra-op thread within the block."""
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _all_equal(flat: torch.Tensor) -> bool:

@@ -91,6 +91,8 @@ def test_speed_quick(out, tmp_path):
     assert set(payload["goals"]) == {f"{m}_ratio_le_1.15" for m in ("mezo", "sparse_mezo", "qzo_gptq", "qzo_nf4")}
     assert _finite(payload["reference_over_ours_mezo"])
     assert all(_finite(payload[f"rademacher_over_gaussian_{name}"]) for name in ("mezo", "sparse_mezo"))
+    teams = payload["two_forwards_beside_idle_openmp_teams"]  # the same floor beside idle OpenMP teams, same rounds
+    assert len(teams["seconds_all"]) == payload["setup"]["repeats"] and _finite(teams["over_plain_two_forwards"])
     # zo-bench report prints the Rademacher rows and their ratio to the Gaussian steps; and still reads a speed.json
     # written before they existed (the committed one, less its Rademacher rows and ratios).
     from benchmarks.zo_bench.report import report

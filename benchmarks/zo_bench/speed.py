@@ -22,6 +22,23 @@ from .plots import plot_bars
 from .steppers import MeZOReferenceBaseline, ZOStepper, plain_forwards
 
 
+def forwards_beside_idle_openmp_teams(model, batch, threads: int = 2) -> float:
+    """Seconds of two plain forwards while ``threads`` idle Python threads exist that each once ran a parallel torch op
+    (each keeps an OpenMP team): what every forward of a process paid while the ZO engine's noise threads ran their
+    ops on the process's thread count (before f04e029)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    values = torch.ones(1 << 22)
+    pool = ThreadPoolExecutor(threads)
+    try:
+        list(pool.map(lambda _: torch.add(values, values), range(threads)))
+        return timed(lambda: plain_forwards(model, batch))
+    finally:
+        pool.shutdown()
+
+
 def run_speed(
     out: Path,
     quick: bool,
@@ -65,7 +82,10 @@ def run_speed(
     floors: dict[str, list[float]] = {k: [] for k in models}
     steps: dict[str, list[float]] = {k: [] for k in configs}
     per_round_ratio: dict[str, list[float]] = {k: [] for k in configs}
-    items = [("floor", k) for k in models] + [("step", k) for k in configs]
+    teams_floors: list[float] = []  # fp32 floor beside idle OpenMP teams (what the engine's noise threads avoid)
+    items = (
+        [("floor", k) for k in models] + [("step", k) for k in configs] + [("teams", k) for k in models if k == "fp32"]
+    )
     path = out / ("speed_quick.json" if quick else "speed.json")
     payload: dict[str, Any] = {}
     with progress(total=(repeats + 1) * len(items), desc="speed (round 0 = warm-up)") as bar:
@@ -77,6 +97,8 @@ def run_speed(
             for what, name in order:
                 if what == "floor":
                     round_floor[name] = timed(lambda name=name: plain_forwards(models[name], batch))
+                elif what == "teams":
+                    round_teams = forwards_beside_idle_openmp_teams(models[name], batch)
                 else:
                     round_step[name] = timed(lambda name=name: configs[name][1](batch))
                 bar.update(1)
@@ -84,12 +106,24 @@ def run_speed(
                 continue
             for kind, t in round_floor.items():
                 floors[kind].append(t)
+            if "fp32" in round_floor:
+                teams_floors.append(round_teams)
             for name, t in round_step.items():
                 steps[name].append(t)
                 per_round_ratio[name].append(t / round_floor[configs[name][0]])
             payload = _speed_payload(
                 env, quick, batch, batch_size, max_length, repeats, models, configs, floors, steps, per_round_ratio
             )
+            if teams_floors:
+                payload["two_forwards_beside_idle_openmp_teams"] = {
+                    "model": "fp32",
+                    "what": "two plain forwards while two idle Python threads exist that each once ran a parallel "
+                    "torch op (each keeps an OpenMP team); the ZO engine's noise threads run on one intra-op thread "
+                    "so that no such team exists",
+                    "seconds_median": median(teams_floors),
+                    "seconds_all": list(teams_floors),
+                    "over_plain_two_forwards": median(teams_floors) / median(floors["fp32"]),
+                }
             write_json(path, payload)
     results = payload["results"]
     if plot:

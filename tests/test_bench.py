@@ -102,14 +102,15 @@ def test_speed_quick(out, tmp_path):
     text = report(tmp_path / "new")
     assert "| mezo_rademacher | fp32 |" in text and "| sparse_mezo_rademacher | fp32 |" in text
     assert "mezo step with Rademacher z / with Gaussian z" in text
+    assert "two forwards beside two idle OpenMP teams / plain two forwards (same rounds): " in text
     (tmp_path / "old").mkdir()
     committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed.json"
     older = json.loads(committed.read_text())
     older["results"] = {k: v for k, v in older["results"].items() if "rademacher" not in k}
-    older = {k: v for k, v in older.items() if not k.startswith("rademacher_over")}
+    older = {k: v for k, v in older.items() if not k.startswith(("rademacher_over", "two_forwards_beside"))}
     (tmp_path / "old" / "speed.json").write_text(json.dumps(older))
     text = report(tmp_path / "old")
-    assert "| mezo | fp32 |" in text and "rademacher" not in text.lower()
+    assert "| mezo | fp32 |" in text and "rademacher" not in text.lower() and "OpenMP" not in text
 
 
 @needs_run

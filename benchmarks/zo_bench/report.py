@@ -87,6 +87,12 @@ def report(out: Path) -> str:
                     f"\n{name} step with Rademacher z / with Gaussian z (`--zo_noise rademacher`, same rounds): "
                     f"{speed[f'rademacher_over_gaussian_{name}']:.3f}"
                 )
+        teams = speed.get("two_forwards_beside_idle_openmp_teams")  # Absent before f04e029's suite.
+        if teams:
+            lines.append(
+                f"\nfp32 two forwards beside two idle OpenMP teams / plain two forwards (same rounds): "
+                f"{teams['over_plain_two_forwards']:.3f} ({teams['seconds_median']:.2f} s)"
+            )
     mem = load("memory.json")
     if mem:
         st = mem["setup"]

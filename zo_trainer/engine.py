@@ -496,27 +496,22 @@ class ZOEngine:
         return distribution
 
     def _pool(self):
-        """The noise threads. Each runs its torch ops on one intra-op thread: a thread that runs a parallel op owns an
-        OpenMP team for good, and while a process has more such threads than cores, OpenMP stops spinning between
-        parallel regions, so every other forward in the process slows (SmolLM2: a Rademacher step / two forwards
-        1.18 beside a Gaussian engine's pool, 1.10 without). The threads together still use every core."""
         if self._executor is None:
-            import threading
             from concurrent.futures import ThreadPoolExecutor
 
-            # torch.set_num_threads also sets the count that threads started later take up: put it back once every
-            # noise thread has set its own (the barrier holds them until all have started).
-            process_default = torch.get_num_threads()
-            started = threading.Barrier(self.num_noise_threads + 1)
-            executor = ThreadPoolExecutor(
-                self.num_noise_threads, thread_name_prefix="zo-noise", initializer=_noise_thread_init
-            )
-            for _ in range(self.num_noise_threads):
-                executor.submit(started.wait)
-            started.wait()
-            torch.set_num_threads(process_default)
-            self._executor = executor
+            self._executor = ThreadPoolExecutor(self.num_noise_threads, thread_name_prefix="zo-noise")
         return self._executor
+
+    def release_threads(self) -> None:
+        """Let the noise threads end (the next draw starts new ones); ``update`` does it at the end of every step. A
+        thread that has run a parallel torch op keeps an OpenMP team while it lives, and while a process has more
+        OpenMP threads than cores, OpenMP stops spinning between parallel regions: every forward slows (SmolLM2, two
+        forwards beside two idle teams: 1.07x), not only the step's. Inside a step that throttling pays for itself
+        (the spinning threads would take the cores from the noise threads: at batch 4, a Sparse-MeZO step with
+        one-thread noise threads took 2.37 s against 2.09 s); between steps (evaluation, other engines) it does not."""
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
 
     def mask(self, target: ZOTarget, tensor: torch.Tensor) -> torch.Tensor | None:
         """Sparse-MeZO's mask, rebuilt from the current values: 1 where |t| <= threshold, else 0. None means dense.
@@ -731,6 +726,7 @@ class ZOEngine:
             if target.min_value is not None:
                 tensor.clamp_(min=target.min_value)
         self.num_updates += 1
+        self.release_threads()
         if masked is not None:
             dense = sum(t.numel for t in self.targets if t.threshold is None)
             fraction = (masked + dense) / self.total_numel
@@ -841,11 +837,6 @@ class ZOEngine:
                 target.threshold = thresholds[target.name]
         # Accelerate round-trips the optimizer state at prepare time: all-None thresholds mean not fixed yet.
         self.thresholds_fixed = any(value is not None for value in thresholds.values())
-
-
-def _noise_thread_init() -> None:
-    torch.get_num_threads()  # torch sets a thread's count on its first query: before the override, not after.
-    torch.set_num_threads(1)
 
 
 @contextlib.contextmanager

@@ -24,8 +24,8 @@ from .steppers import MeZOReferenceBaseline, ZOStepper, plain_forwards
 
 def forwards_beside_idle_openmp_teams(model, batch, threads: int = 2) -> float:
     """Seconds of two plain forwards while ``threads`` idle Python threads exist that each once ran a parallel torch op
-    (each keeps an OpenMP team): what every forward of a process paid while the ZO engine's noise threads ran their
-    ops on the process's thread count (before f04e029)."""
+    (each keeps an OpenMP team): what every forward of a process paid while the ZO engine's noise threads lived on
+    between steps (until f04e029; they now end with each update)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -118,8 +118,8 @@ def run_speed(
                 payload["two_forwards_beside_idle_openmp_teams"] = {
                     "model": "fp32",
                     "what": "two plain forwards while two idle Python threads exist that each once ran a parallel "
-                    "torch op (each keeps an OpenMP team); the ZO engine's noise threads run on one intra-op thread "
-                    "so that no such team exists",
+                    "torch op (each keeps an OpenMP team); the ZO engine's noise threads end with each update so "
+                    "that no such team outlives a step",
                     "seconds_median": median(teams_floors),
                     "seconds_all": list(teams_floors),
                     "over_plain_two_forwards": median(teams_floors) / median(floors["fp32"]),

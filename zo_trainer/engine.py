@@ -347,11 +347,11 @@ class ZOEngine:
         bounds = [len(blocks) * i // runs for i in range(runs + 1)]
 
         def work(run: int) -> None:
-            # Every op must give the bits of per-block ops on one intra-op thread, whatever the thread count here: a
-            # split into pieces that are not whole vector pairs (a partial last block; a block size whose halves are
-            # not) runs on one thread.
-            threads = torch.get_num_threads()
-            with _one_intra_op_thread() if not self._whole_vector_pieces(block, threads) else contextlib.nullcontext():
+            # Every op gives the bits of per-block ops on one intra-op thread, whatever the thread count here: an op
+            # that torch would split into pieces that are not whole vector pairs (a tensor's partial last block; every
+            # block, for a block size that splits so) runs on one thread.
+            whole_blocks = self._whole_vector_pieces(block, torch.get_num_threads())
+            with contextlib.nullcontext() if whole_blocks else _one_intra_op_thread():
                 sizes = self._chunk_sizes(tensor, torch.get_num_threads())
 
                 def chunks(first: int, end: int) -> None:  # Consecutive blocks [first, end), in allowed chunk sizes.

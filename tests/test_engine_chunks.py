@@ -285,7 +285,7 @@ def test_noise_threads_end_with_each_update(small_blocks):
     for step in range(2):
         others = noise_threads()  # Other tests' engines may still hold theirs.
         engine._perturbed_tensor(engine.targets[0], layer.weight, step, 1e-3)  # 8 blocks and a partial one: 2 runs
-        started = noise_threads() - others
-        assert len(started) == 2
+        started = noise_threads() - others  # One or two: the pool starts a second only if the first is still busy.
+        assert started
         engine.update([step], [0.1])
         assert not any(thread.is_alive() for thread in started)

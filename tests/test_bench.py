@@ -81,6 +81,8 @@ def test_speed_quick(out, tmp_path):
         "sparse_mezo",
         "mezo_rademacher",
         "sparse_mezo_rademacher",
+        "mezo_scheme2",
+        "sparse_mezo_scheme2",
         "mezo_reference_inplace",
         "qzo_gptq",
         "qzo_nf4",
@@ -91,6 +93,7 @@ def test_speed_quick(out, tmp_path):
     assert set(payload["goals"]) == {f"{m}_ratio_le_1.15" for m in ("mezo", "sparse_mezo", "qzo_gptq", "qzo_nf4")}
     assert _finite(payload["reference_over_ours_mezo"])
     assert all(_finite(payload[f"rademacher_over_gaussian_{name}"]) for name in ("mezo", "sparse_mezo"))
+    assert all(_finite(payload[f"scheme2_over_scheme3_{name}"]) for name in ("mezo", "sparse_mezo"))
     teams = payload["two_forwards_beside_idle_openmp_teams"]  # the same floor beside idle OpenMP teams, same rounds
     assert len(teams["seconds_all"]) == payload["setup"]["repeats"] and _finite(teams["over_plain_two_forwards"])
     # zo-bench report prints the Rademacher rows and their ratio to the Gaussian steps; and still reads a speed.json
@@ -102,15 +105,20 @@ def test_speed_quick(out, tmp_path):
     text = report(tmp_path / "new")
     assert "| mezo_rademacher | fp32 |" in text and "| sparse_mezo_rademacher | fp32 |" in text
     assert "mezo step with Rademacher z / with Gaussian z" in text
+    assert (
+        "| mezo_scheme2 | fp32 |" in text and "mezo step with z scheme 2's Gaussian (normal_) / with scheme 3's" in text
+    )
     assert "two forwards beside two idle OpenMP teams / plain two forwards (same rounds): " in text
     (tmp_path / "old").mkdir()
     committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed.json"
     older = json.loads(committed.read_text())
-    older["results"] = {k: v for k, v in older["results"].items() if "rademacher" not in k}
-    older = {k: v for k, v in older.items() if not k.startswith(("rademacher_over", "two_forwards_beside"))}
+    older["results"] = {k: v for k, v in older["results"].items() if "rademacher" not in k and "scheme2" not in k}
+    dropped = ("rademacher_over", "two_forwards_beside", "scheme2_over")
+    older = {k: v for k, v in older.items() if not k.startswith(dropped)}
     (tmp_path / "old" / "speed.json").write_text(json.dumps(older))
     text = report(tmp_path / "old")
     assert "| mezo | fp32 |" in text and "rademacher" not in text.lower() and "OpenMP" not in text
+    assert "scheme 2" not in text
 
 
 @needs_run

@@ -1,4 +1,4 @@
-"""z scheme 2 works a chunk of several NOISE_BLOCK blocks at a time (``ZOEngine.CHUNK_BLOCKS``): each block is still
+"""z schemes 2 and 3 work a chunk of several NOISE_BLOCK blocks at a time (``ZOEngine.CHUNK_BLOCKS``): each block is still
 seeded and drawn on its own, only the elementwise work is one op per chunk. Here every chunked path is checked, bit for
 bit, against a per-block reference built in the test from ``ZOEngine._block_noise`` (one block, one seed, one op on one
 intra-op thread), on tensors whose last block is partial and whose block count the chunk size does not divide, on 1-3
@@ -37,10 +37,19 @@ class Layer(nn.Module):
         self.bias = nn.Parameter(torch.randn(100, generator=generator).to(dtype), requires_grad=False)
 
 
+# z as new runs draw it (scheme 3: Gaussian from a counter-based stream; Rademacher as in scheme 2), and scheme 2's
+# Gaussian (one normal_ stream per block), which replay and resume of scheme-2 runs still draw.
+DISTRIBUTIONS = ("gaussian", "gaussian-scheme2", "rademacher")
+
+
 def engine_for(module: nn.Module, distribution: str, threads: int) -> ZOEngine:
-    engine = ZOEngine(parameter_targets(module, lambda *_: True), threads, distribution=distribution)
+    """An engine drawing ``distribution`` (one of DISTRIBUTIONS) z on ``threads`` noise threads."""
+    name, _, scheme = distribution.partition("-scheme")
+    engine = ZOEngine(parameter_targets(module, lambda *_: True), threads, distribution=name)
+    assert engine.noise_scheme == 3
+    engine.noise_scheme = int(scheme or engine.noise_scheme)
     if threads > 1:
-        engine.RADEMACHER_THREADS = 0  # Rademacher chunks over the noise threads too (by default: calling thread).
+        engine.CHEAP_DRAW_THREADS = 0  # Cheap draws (Rademacher, scheme 3) over the noise threads too (default: one).
     return engine
 
 
@@ -126,7 +135,7 @@ def _reference_update(engine: ZOEngine, expected: list[torch.Tensor], seeds, coe
 DTYPES = [torch.float32, torch.bfloat16]
 CASES = pytest.mark.parametrize(
     "distribution,dtype,threads",
-    [(d, t, n) for d in ("gaussian", "rademacher") for t in DTYPES for n in (1, 2)],
+    [(d, t, n) for d in DISTRIBUTIONS for t in DTYPES for n in (1, 2)],
 )
 
 
@@ -183,7 +192,7 @@ def test_chunked_update_equals_per_block_reference(distribution, dtype, threads,
 @pytest.mark.parametrize("intra_op_threads", [1, 2, 3])
 @pytest.mark.parametrize("noise_threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_real_blocks_keep_the_per_block_bits_on_any_torch_thread_count(
     distribution, dtype, noise_threads, intra_op_threads
 ):
@@ -252,25 +261,32 @@ def test_row_paths_equal_per_block_reference(distribution, dtype, threads, spars
             assert not torch.equal(logits, model.head.weight.t())
 
 
-# sha256 of z's bytes (``engine.noise``) for a tensor of 3 default blocks + 1000 entries, step seed 5, target 0: drawn
-# by the engine of git 9f34871 (one op per block, before chunks). Every committed scheme-2 run replays with these z.
+# sha256 of z's bytes (``engine.noise``) for a tensor of 3 default blocks + 1000 entries, step seed 5, target 0. Scheme
+# 2: drawn by the engine of git 9f34871 (one op per block, before chunks); every committed scheme-2 run replays with
+# these z. Scheme 3: its Gaussian z as first drawn (git of this test's commit; the values also follow from
+# ``counter_noise.counter_normal_reference``, see tests/test_counter_noise.py); its Rademacher z is scheme 2's.
 GOLDEN_Z = {
-    ("gaussian", torch.float32): "1175d3399879347473bbec3d17830e2277a1967ecd8f561da127e7d19701498c",
-    ("gaussian", torch.bfloat16): "5f0c94373ebce760fd69f11b944adbfb1c378a062aab24be98a449d7c34f832b",
-    ("rademacher", torch.float32): "2472d10ee024462f68568dabae85d936c3a6d9cb2b3fda4b90489b5628ebd21b",
-    ("rademacher", torch.bfloat16): "ccb3ff03b174ad39ab52d855a4dbe03138f8bec3b88d8b0c71ab9164eac53b19",
+    (2, "gaussian", torch.float32): "1175d3399879347473bbec3d17830e2277a1967ecd8f561da127e7d19701498c",
+    (2, "gaussian", torch.bfloat16): "5f0c94373ebce760fd69f11b944adbfb1c378a062aab24be98a449d7c34f832b",
+    (2, "rademacher", torch.float32): "2472d10ee024462f68568dabae85d936c3a6d9cb2b3fda4b90489b5628ebd21b",
+    (2, "rademacher", torch.bfloat16): "ccb3ff03b174ad39ab52d855a4dbe03138f8bec3b88d8b0c71ab9164eac53b19",
+    (3, "gaussian", torch.float32): "3d71cda95d206c17600843408098f1f1b9d843de4b4fb3a6569b1737553b43ed",
+    (3, "gaussian", torch.bfloat16): "2c0bfc56a0b023ec725dd93bd6353e9b89eb14374b424552af9c8239c3319951",
+    (3, "gaussian", torch.float16): "bcdbe257d6840e3c6da2a746d097b4e3891848a707e4298801fe7823531d58f4",
+    (3, "rademacher", torch.float32): "2472d10ee024462f68568dabae85d936c3a6d9cb2b3fda4b90489b5628ebd21b",
+    (3, "rademacher", torch.bfloat16): "ccb3ff03b174ad39ab52d855a4dbe03138f8bec3b88d8b0c71ab9164eac53b19",
 }
 
 
-@pytest.mark.parametrize("distribution,dtype", list(GOLDEN_Z))
+@pytest.mark.parametrize("scheme,distribution,dtype", list(GOLDEN_Z))
 @pytest.mark.parametrize("threads", [1, 2])
-def test_scheme_2_z_values_are_pinned(distribution, dtype, threads):
+def test_z_values_are_pinned(scheme, distribution, dtype, threads):
     holder = nn.Module()
     holder.weight = nn.Parameter(torch.zeros(3 * ZOEngine.NOISE_BLOCK + 1000, dtype=dtype), requires_grad=False)
-    engine = engine_for(holder, distribution, threads)
-    assert engine.noise_scheme == 2 and engine.NOISE_BLOCK == 1 << 16
+    engine = engine_for(holder, f"{distribution}-scheme{scheme}", threads)
+    assert engine.noise_scheme == scheme and engine.NOISE_BLOCK == 1 << 16
     z = engine.noise(engine.targets[0], 5)
-    assert hashlib.sha256(z.view(torch.uint8).numpy().tobytes()).hexdigest() == GOLDEN_Z[(distribution, dtype)]
+    assert hashlib.sha256(z.view(torch.uint8).numpy().tobytes()).hexdigest() == GOLDEN_Z[(scheme, distribution, dtype)]
 
 
 def test_noise_threads_end_with_each_update(small_blocks):
@@ -281,7 +297,7 @@ def test_noise_threads_end_with_each_update(small_blocks):
         return {thread for thread in threading.enumerate() if thread.name.startswith("zo-noise")}
 
     layer = Layer(torch.float32)
-    engine = engine_for(layer, "gaussian", 2)
+    engine = engine_for(layer, "gaussian-scheme2", 2)  # Scheme 3's draws are cheap: they run on the calling thread.
     for step in range(2):
         others = noise_threads()  # Other tests' engines may still hold theirs.
         engine._perturbed_tensor(engine.targets[0], layer.weight, step, 1e-3)  # 8 blocks and a partial one: 2 runs

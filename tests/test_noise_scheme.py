@@ -1,5 +1,6 @@
-"""How z is drawn (``ZOEngine.noise_scheme``): new runs use scheme 2 (CPU blocks drawn where they are used); files
-written before schemes were recorded replay and resume with scheme 1, bit for bit."""
+"""How z is drawn (``ZOEngine.noise_scheme``): new runs use scheme 3 (CPU blocks drawn where they are used, Gaussian z
+from a counter-based stream), scheme-2 runs replay with scheme 2; files written before schemes were recorded replay and
+resume with scheme 1, bit for bit."""
 
 from __future__ import annotations
 
@@ -81,8 +82,9 @@ def test_an_unknown_scheme_is_refused_in_one_line():
         replay(tiny_model(), payload)
 
 
+@pytest.mark.parametrize("scheme", [2, 3])
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
-def test_scheme_2_z_does_not_depend_on_the_thread_count(distribution, monkeypatch):
+def test_z_does_not_depend_on_the_thread_count(distribution, scheme, monkeypatch):
     monkeypatch.setattr(ZOEngine, "NOISE_BLOCK", 256)  # Many blocks per tensor of the tiny model.
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
     results = []
@@ -90,7 +92,8 @@ def test_scheme_2_z_does_not_depend_on_the_thread_count(distribution, monkeypatc
         model = tiny_model()
         args = ZOTrainingArguments("unused", optim="mezo", report_to="none", zo_noise=distribution)
         engine = ZOEngine(MeZO(args).targets(model), threads, distribution=args.zo_noise)
-        assert engine.noise_scheme == 2 and engine.num_noise_threads == threads
+        engine.noise_scheme, engine.CHEAP_DRAW_THREADS = scheme, 0  # Cheap draws too over all the noise threads.
+        assert engine.num_noise_threads == threads
         assert engine.noise_config()["distribution"] == distribution
         seed = perturbation_seed(0, 0)
         noise = [engine.noise(target, seed) for target in engine.targets]
@@ -114,7 +117,7 @@ def test_scheme_2_z_does_not_depend_on_the_thread_count(distribution, monkeypatc
 
 # With optimizer.pt the ZO state comes from it; without (--save_only_model), from zo_trajectory.json.
 @pytest.mark.parametrize("optimizer_file", [True, False])
-def test_new_runs_record_scheme_2_and_an_old_checkpoint_resumes_with_scheme_1(
+def test_new_runs_record_scheme_3_and_an_old_checkpoint_resumes_with_scheme_1(
     optimizer_file, tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory, monkeypatch
 ):
     with monkeypatch.context() as patch:  # The uninterrupted run of the old scheme, and its first half.
@@ -148,7 +151,7 @@ def test_new_runs_record_scheme_2_and_an_old_checkpoint_resumes_with_scheme_1(
     trainer = make_trainer(
         tmp_path / "b", tiny_tokenizer, rte_small, resumed, max_steps=4, save_strategy="steps", save_steps=2
     )
-    assert trainer.zo_engine.noise_scheme == 2  # A new run's default...
+    assert trainer.zo_engine.noise_scheme == 3  # A new run's default...
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.zo_engine.noise_scheme == 1  # ...but the checkpoint's run drew z with scheme 1.
     expected = state(full)
@@ -157,4 +160,4 @@ def test_new_runs_record_scheme_2_and_an_old_checkpoint_resumes_with_scheme_1(
     assert load_trajectory(tmp_path / "b" / "out")["noise"]["scheme"] == 1
     fresh = make_trainer(tmp_path / "c", tiny_tokenizer, rte_small, tiny_llama_factory(), max_steps=1)
     fresh.train()
-    assert load_trajectory(tmp_path / "c" / "out")["noise"]["scheme"] == 2
+    assert load_trajectory(tmp_path / "c" / "out")["noise"]["scheme"] == 3

@@ -75,7 +75,7 @@ def report(out: Path) -> str:
             "|---|---|---|---|---|",
         ]
         for k, v in speed["results"].items():
-            goal = "<= 1.15" if k != "mezo_reference_inplace" else "(baseline)"
+            goal = "(baseline)" if k == "mezo_reference_inplace" or k.endswith("_scheme2") else "<= 1.15"
             lines.append(
                 f"| {k} | {v['model']} | {v['ratio_step_over_two_forwards']:.3f} | {v['ratio_median_of_rounds']:.3f} | {goal} |"
             )
@@ -86,6 +86,11 @@ def report(out: Path) -> str:
                 lines.append(
                     f"\n{name} step with Rademacher z / with Gaussian z (`--zo_noise rademacher`, same rounds): "
                     f"{speed[f'rademacher_over_gaussian_{name}']:.3f}"
+                )
+            if f"scheme2_over_scheme3_{name}" in speed:  # Absent before z scheme 3.
+                lines.append(
+                    f"\n{name} step with z scheme 2's Gaussian (normal_) / with scheme 3's (counter-based), same "
+                    f"rounds: {speed[f'scheme2_over_scheme3_{name}']:.3f}"
                 )
         teams = speed.get("two_forwards_beside_idle_openmp_teams")  # Absent before f04e029's suite.
         if teams:

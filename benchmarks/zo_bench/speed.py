@@ -70,6 +70,10 @@ def run_speed(
             "fp32",
             ZOStepper(m, "sparse_mezo", zo_sparsity=0.8, zo_noise="rademacher").step,
         )
+        # Gaussian z drawn as z scheme 2 did (torch's normal_ per block; replay of scheme-2 runs): the before of
+        # scheme 3's counter-based Gaussian, in the same rounds.
+        configs["mezo_scheme2"] = ("fp32", ZOStepper(m, "mezo", noise_scheme=2).step)
+        configs["sparse_mezo_scheme2"] = ("fp32", ZOStepper(m, "sparse_mezo", noise_scheme=2, zo_sparsity=0.8).step)
         configs["mezo_reference_inplace"] = ("fp32", MeZOReferenceBaseline(m).step)
     if "gptq" in models:
         configs["qzo_gptq"] = ("gptq", ZOStepper(models["gptq"], "qzo").step)
@@ -182,7 +186,9 @@ def _speed_payload(
             "step": "ZOEngine perturbed(+eps) forward, perturbed(-eps) forward, ZOOptimizer.accumulate + step "
             "(the calls ZOTrainer.training_step and HF's loop make)",
             "reference": "MeZO's zo_step/zo_update: 4 passes over weights, torch.manual_seed + torch.normal per parameter",
-            "noise": "z ~ N(0, 1) (the default) except in the *_rademacher rows: z entries +-1 (--zo_noise rademacher)",
+            "noise": "z ~ N(0, 1) (the default; z scheme 3: 16-bit quantiles from a counter-based stream) except in "
+            "the *_rademacher rows: z entries +-1 (--zo_noise rademacher), and the *_scheme2 rows: N(0, 1) from "
+            "torch's normal_ per block (z scheme 2, how runs before it drew z)",
             "statistic": "median step time / median floor time over the timed rounds; each round runs every floor and "
             "step once in a shuffled order; round 0 (warm-up) discarded",
             "param_counts": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
@@ -198,6 +204,11 @@ def _speed_payload(
         if f"{name}_rademacher" in results and name in results:
             payload[f"rademacher_over_gaussian_{name}"] = (
                 results[f"{name}_rademacher"]["step_seconds_median"] / results[name]["step_seconds_median"]
+            )
+    for name in ("mezo", "sparse_mezo"):  # Step time with scheme-2 Gaussian z / with scheme 3's, same rounds.
+        if f"{name}_scheme2" in results and name in results:
+            payload[f"scheme2_over_scheme3_{name}"] = (
+                results[f"{name}_scheme2"]["step_seconds_median"] / results[name]["step_seconds_median"]
             )
     return payload
 

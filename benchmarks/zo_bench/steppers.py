@@ -30,7 +30,8 @@ class ZOStepper:
 
     num_perturbations = 1
 
-    def __init__(self, model, optim: str, **args_overrides):
+    def __init__(self, model, optim: str, noise_scheme: int | None = None, **args_overrides):
+        """``noise_scheme``: draw z as that z scheme does (default: the engine's, as new runs do)."""
         self.args = zo_args(optim, **args_overrides)
         self.model = model
         self.method = get_method(optim)(self.args)
@@ -40,6 +41,7 @@ class ZOStepper:
         for p in model.parameters():  # as ZOTrainer does: nothing asks autograd for gradients
             p.requires_grad_(False)
         self.engine = ZOEngine(targets, distribution=self.args.zo_noise)
+        self.engine.noise_scheme = noise_scheme or self.engine.noise_scheme
         if self.method.sparsity > 0:
             self.engine.set_thresholds(self.method.sparsity, select=self.method.is_sparsified)
         self.optimizer = ZOOptimizer(

@@ -55,7 +55,10 @@ def test_sparse_mezo_trains_only_small_decoder_weights(tmp_path, tiny_tokenizer,
         else:
             assert not changed.any(), f"{key} changed under sparse_mezo"
     fractions = [h["zo_update_fraction"] for h in trainer.state.log_history if "zo_update_fraction" in h]
-    assert fractions and all(abs(f - 0.2) < 0.01 for f in fractions)
+    # Step 1 updates the entries at or under the thresholds, fixed from these weights: 20%. Later steps rebuild the
+    # masks from moved weights: entries cross the thresholds both ways, more after a large step (seed 7's first
+    # projected gradient is 1.27 under z scheme 3: 18% at step 2; 0.24 under scheme 2: 19.6%).
+    assert fractions and abs(fractions[0] - 0.2) < 0.01 and all(0.15 < f < 0.21 for f in fractions)
 
 
 def test_gradient_accumulation_equals_larger_batch(tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory):

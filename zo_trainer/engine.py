@@ -7,15 +7,16 @@ Perturbation happens *inside the forward pass*: just before a module that reads 
 engine rebinds the target to ``w + eps * z`` (a temporary built in a reusable scratch buffer) and
 rebinds the original tensor right after. Stored weights are never modified by a perturbation, so
 restoring is exact in every dtype (MeZO's in-place +e, -2e, +e scheme drifts in fp16/bf16), and only
-one layer-sized temporary exists at a time. Under z scheme 2 not even that for the largest tensor, the embedding
+one layer-sized temporary exists at a time. Under z schemes 2-3 not even that for the largest tensor, the embedding
 (tied lm_head): its modules run on perturbed rows built a few MB at a time (``_embedding_rows``, ``_linear_rows``).
 
 z is never stored: it is drawn again from its seed for each use (+eps pass, -eps pass, update). Its entries are N(0, 1)
 (the default, as in the MeZO papers) or, opt-in (``zo_noise="rademacher"``), +-1 with probability 1/2 each (SPSA's
-classic direction: also E[z z^T] = I, and about 5x cheaper to draw on CPU than torch's ``normal_``). On CPU (z scheme 2)
-it is drawn in blocks with a seed each, a cache-sized chunk of consecutive blocks at a time, each chunk used at once, so
-z costs one write of the perturbed copy per pass rather than a write and a re-read of a z buffer; the sparse mask is
-likewise built chunk by chunk, in the tensor's dtype. How blocks are grouped into chunks and threads changes no bit.
+classic direction: also E[z z^T] = I). On CPU (z schemes 2-3) it is drawn in blocks, a cache-sized chunk of
+consecutive blocks at a time, each chunk used at once, so z costs one write of the perturbed copy per pass rather than
+a write and a re-read of a z buffer; the sparse mask is likewise built chunk by chunk, in the tensor's dtype. Gaussian
+z of scheme 3 is a counter-based stream (``zo_trainer.counter_noise``), 5x cheaper than torch's ``normal_`` that scheme
+2 seeded per block. How blocks are grouped into chunks and threads changes no bit.
 """
 
 from __future__ import annotations
@@ -596,7 +597,7 @@ class ZOEngine:
 
     # ----- row-blocked perturbation of the vocabulary tensors ---------------------------------------------------
     # The embedding / lm_head is the largest tensor of a small LM (a tied 49152 x 576 one is 113 MB in fp32, a 128256
-    # x 2048 one 1 GB): a perturbed copy of it would be most of a ZO step's memory above inference. Under z scheme 2
+    # x 2048 one 1 GB): a perturbed copy of it would be most of a ZO step's memory above inference. Under z schemes 2-3
     # (CPU, contiguous) z of any entry range comes from the blocks covering it alone, so these modules are run on
     # perturbed rows built a few MB at a time instead. ZO_TRAINER_ROW_BLOCKED=0 turns it off (memory comparisons).
     ROW_BLOCKED = os.environ.get("ZO_TRAINER_ROW_BLOCKED", "1") != "0"

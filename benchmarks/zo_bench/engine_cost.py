@@ -1,4 +1,4 @@
-"""``zo-bench engine``: the ZO engine's own work per step, z scheme 1 vs 2, with no model forward.
+"""``zo-bench engine``: the ZO engine's own work per step, z schemes 1, 2 and 3, with no model forward.
 
 A step of the engine is what ``zo_step`` + ``ZOOptimizer.step()`` make it do besides the forwards: inside
 ``perturbed(seed, +eps)`` and ``perturbed(seed, -eps)`` every target's perturbed copy ``w +- eps z`` (built by the
@@ -13,7 +13,8 @@ norms), with thresholds at sparsity 0.8, as the methods choose them.
 
 Every configuration (method x scheme) runs once per round, in the same process, the order reversed every other
 round; round 0 is a warm-up (scratch buffers) and is discarded. Wall time and process CPU time (all threads) are
-recorded: the CPU may be shared, and CPU time is the less disturbed of the two. The figure is scheme 2 / scheme 1.
+recorded: the CPU may be shared, and CPU time is the less disturbed of the two. The figures are scheme 2 / scheme 1
+(blocks drawn where they are used vs whole tensors) and scheme 3 / scheme 2 (counter-based Gaussian z vs normal_).
 """
 
 from __future__ import annotations
@@ -210,10 +211,12 @@ def _shape_result(name, shape, model, engines, wall, cpu, perturbed_reads) -> di
                 "modules_reading_targets": sum(len(t.modules) for t in engine.targets),
                 "modules_perturbed_per_pass": sorted(perturbed_reads[(method, scheme)]),
             }
-        first, second = row[f"scheme{SCHEMES[0]}"], row[f"scheme{SCHEMES[-1]}"]
+        first, second, third = row["scheme1"], row["scheme2"], row["scheme3"]
         row["ratio_wall"] = second["wall_seconds_median"] / first["wall_seconds_median"]
         row["ratio_cpu"] = second["cpu_seconds_median"] / first["cpu_seconds_median"]
         row["per_round_ratio_cpu"] = [b / a for a, b in zip(first["cpu_seconds_all"], second["cpu_seconds_all"])]
+        row["ratio_3_over_2_wall"] = third["wall_seconds_median"] / second["wall_seconds_median"]
+        row["ratio_3_over_2_cpu"] = third["cpu_seconds_median"] / second["cpu_seconds_median"]
         row["entries"] = engines[(method, SCHEMES[0])].total_numel
         row["tensors"] = len(engines[(method, SCHEMES[0])].targets)
         methods[method] = row
@@ -244,10 +247,12 @@ def run_engine_cost(out: Path, shapes: list[str], repeats: int, quick: bool) -> 
             "schemes": {
                 "1": "z of a tensor drawn whole into a tensor-sized buffer, then applied",
                 "2": f"z drawn in {ZOEngine.NOISE_BLOCK}-entry blocks right where it is used (cache-resident)",
+                "3": "as 2, Gaussian z from a counter-based stream (zo_trainer.counter_noise) instead of normal_",
             },
             "repeats": repeats,
             "statistic": "median over rounds; each round runs every method x scheme once, order reversed every other "
-            "round; round 0 (warm-up) discarded; ratio = scheme 2 median / scheme 1 median",
+            "round; round 0 (warm-up) discarded; ratio = scheme 2 median / scheme 1 median; ratio_3_over_2 = scheme 3 "
+            "median / scheme 2 median",
             "torch_num_threads": torch.get_num_threads(),
             "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
             "load_average_at_start": os.getloadavg(),
@@ -269,19 +274,23 @@ def run_engine_cost(out: Path, shapes: list[str], repeats: int, quick: bool) -> 
 
 
 def table(payload: dict[str, Any]) -> str:
-    """The results as a markdown table (median seconds per engine step, scheme 2 / scheme 1)."""
+    """The results as a markdown table (median CPU seconds per engine step, scheme 2 / 1 and 3 / 2; wall in brackets).
+    Files written before scheme 3 have no scheme-3 column values ("-")."""
     lines = [
-        "| shapes | method | entries | scheme 1 CPU s | scheme 2 CPU s | 2 / 1 (CPU) | scheme 1 wall s | scheme 2 wall s "
-        "| 2 / 1 (wall) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shapes | method | entries | scheme 1 CPU s | scheme 2 CPU s | scheme 3 CPU s | 2 / 1 (CPU) | 3 / 2 (CPU) "
+        "| 2 / 1 (wall) | 3 / 2 (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in payload["shapes"].items():
         for method, row in result["methods"].items():
-            one, two = row["scheme1"], row["scheme2"]
+            one, two, three = row["scheme1"], row["scheme2"], row.get("scheme3")
+            third = f"{three['cpu_seconds_median']:.3f}" if three else "-"
+            cpu32 = f"**{row['ratio_3_over_2_cpu']:.2f}**" if three else "-"
+            wall32 = f"{row['ratio_3_over_2_wall']:.2f}" if three else "-"
             lines.append(
                 f"| {name} | `{method}` | {row['entries'] / 1e6:.1f}M | {one['cpu_seconds_median']:.3f} | "
-                f"{two['cpu_seconds_median']:.3f} | **{row['ratio_cpu']:.2f}** | {one['wall_seconds_median']:.3f} | "
-                f"{two['wall_seconds_median']:.3f} | {row['ratio_wall']:.2f} |"
+                f"{two['cpu_seconds_median']:.3f} | {third} | **{row['ratio_cpu']:.2f}** | {cpu32} | "
+                f"{row['ratio_wall']:.2f} | {wall32} |"
             )
     return "\n".join(lines)
 

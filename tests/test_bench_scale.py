@@ -189,6 +189,19 @@ def test_rademacher_rows_go_to_a_file_of_their_own(tmp_path):
     assert proc.returncode == 2 and "holds rademacher z rows" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_noise_scheme_reaches_the_worker_and_keeps_its_own_file(tmp_path):
+    """--noise_scheme 2 times the engine as it drew Gaussian z before scheme 3: the worker's engine draws with it and
+    records it; a file holds one scheme, so --merge of the default scheme into it is one usage line."""
+    args = ("scale", "--quick", "--points", "mezo_bf16", "--threads", 1, "--nice", 0, "--out", tmp_path)
+    proc = zo_bench(*args, "--noise_scheme", 2, "--name", "s2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads((tmp_path / "s2.json").read_text())
+    row = payload["points"]["tiny/mezo_bf16"]
+    assert payload["noise_scheme"] == 2 and row["config"]["noise_scheme"] == 2 and row["noise_scheme"] == 2
+    proc = zo_bench(*args, "--merge", "--name", "s2", timeout=120)
+    assert proc.returncode == 2 and "holds z scheme 2 rows" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_fp16_points_build_an_fp16_model():
     model = bench_scale.build_model(bench_scale.SCALE_SHAPES["tiny"], "fp16")
     assert {p.dtype for p in model.parameters()} == {torch.float16}

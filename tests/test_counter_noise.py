@@ -1,6 +1,6 @@
 """Gaussian z of z scheme 3 (``zo_trainer.counter_noise``): the compiled kernel gives the bits of the torch-ops
 reference, entry i depends only on (key, i) (so chunks and threads change nothing), the values are a unit-variance
-Gaussian, and without numba the same z comes from the reference."""
+Gaussian, and without the C extension the same z comes from the reference."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ KEY = 0x7FFF_1234_5678_9ABC
     "start,numel",
     [(0, 1), (0, 7), (3, 10), (1, 2), (2, 1), (65536, 65536), (5, 100_003), ((1 << 33) + 1, 50)],
 )
-def test_the_kernel_gives_the_reference_bits(dtype, start, numel):
+def test_the_c_fill_gives_the_reference_bits(dtype, start, numel):
     drawn = counter_normal_(torch.empty(numel, dtype=dtype), KEY, start)
     assert torch.equal(drawn, counter_normal_reference(numel, KEY, start, dtype))
 
@@ -58,13 +58,19 @@ def test_the_table_is_pinned():
     assert digest == "8babbcaf96568f10165a1eab530c0e5c92d04de96761b6dbb3dadfa94baba37f"
 
 
-def test_without_numba_the_reference_draws_the_same_z(monkeypatch):
+def test_the_c_fill_is_built_and_used():
+    """CI installs with a C compiler: the extension must be there (else the tests above compared the reference with
+    itself)."""
+    assert counter_noise._fills() is not None
+
+
+def test_without_the_extension_the_reference_draws_the_same_z(monkeypatch):
     expected = counter_normal_(torch.empty(5_000, dtype=torch.bfloat16), KEY, 12)
-    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError.
-    counter_noise._kernel.cache_clear()
+    monkeypatch.setitem(sys.modules, "zo_trainer._counter_noise", None)  # Its import now raises ImportError.
+    counter_noise._fills.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="numba is not installed"):
+        with pytest.warns(UserWarning, match="C extension .* is not built"):
             drawn = counter_normal_(torch.empty(5_000, dtype=torch.bfloat16), KEY, 12)
         assert torch.equal(drawn, expected)
     finally:
-        counter_noise._kernel.cache_clear()
+        counter_noise._fills.cache_clear()

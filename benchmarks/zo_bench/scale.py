@@ -158,8 +158,11 @@ def _process_rss() -> int:
         return 0
 
 
-def _prepare_mode(model: torch.nn.Module, mode: str, loss_fn, zo_noise: str = "gaussian") -> tuple[Any, dict[str, Any]]:
-    """The function one step of ``mode`` runs (the calls ZOTrainer / a first-order loop make) and its extra info."""
+def _prepare_mode(
+    model: torch.nn.Module, mode: str, loss_fn, zo_noise: str = "gaussian", noise_scheme: int | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """The function one step of ``mode`` runs (the calls ZOTrainer / a first-order loop make) and its extra info;
+    ``noise_scheme``: draw z as that z scheme (default: as new runs do)."""
     extra: dict[str, Any] = {}
     if mode == "inference":
 
@@ -180,6 +183,8 @@ def _prepare_mode(model: torch.nn.Module, mode: str, loss_fn, zo_noise: str = "g
         for p in model.parameters():  # as ZOTrainer does: nothing asks autograd for gradients
             p.requires_grad_(False)
         engine = ZOEngine(targets, distribution=zo_noise)
+        if noise_scheme:
+            engine.load_noise_config({**engine.noise_config(), "scheme": noise_scheme})
         t1 = time.perf_counter()
         if method.sparsity > 0:
             engine.set_thresholds(method.sparsity, select=method.is_sparsified)
@@ -187,6 +192,7 @@ def _prepare_mode(model: torch.nn.Module, mode: str, loss_fn, zo_noise: str = "g
         optimizer = ZOOptimizer(engine, method, lr=1e-6, num_perturbations=1, max_skipped_steps=10)
         extra["zo_targets"] = len(targets)
         extra["zo_noise"] = engine.distribution  # as the worker's engine drew it
+        extra["noise_scheme"] = engine.noise_scheme
         extra["zo_target_numel"] = engine.total_numel
         state = {"step": 0}
 
@@ -310,7 +316,9 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
     build_peak = _status_bytes("VmHWM")
     rss_after_build = _status_bytes("VmRSS")
     loss_fn = _language_model_loss(model, config, device)
-    run_step, extra = _prepare_mode(model, mode, loss_fn, config.get("zo_noise", "gaussian"))
+    run_step, extra = _prepare_mode(
+        model, mode, loss_fn, config.get("zo_noise", "gaussian"), config.get("noise_scheme")
+    )
     malloc_trim()
     rss_before_steps = _status_bytes("VmRSS")
     hwm_reset = _reset_hwm()
@@ -360,7 +368,9 @@ def _scale_worker_cuda(config: dict[str, Any], device: torch.device) -> dict[str
     if off_device:
         raise RuntimeError(f"tensors not on {device} after building: {off_device[:5]}")
     loss_fn = _language_model_loss(model, config, device)
-    run_step, extra = _prepare_mode(model, mode, loss_fn, config.get("zo_noise", "gaussian"))
+    run_step, extra = _prepare_mode(
+        model, mode, loss_fn, config.get("zo_noise", "gaussian"), config.get("noise_scheme")
+    )
     before_steps = probe.snapshot("before_steps")
     torch.cuda.empty_cache()  # reserved then counts what the steps ask for, not the build's leftovers
     probe.reset_peak()
@@ -771,6 +781,7 @@ def run_scale(
     device: str = "cpu",
     deadline: float | None = None,
     zo_noise: str = "gaussian",
+    noise_scheme: int | None = None,
 ) -> dict[str, Any]:
     """Every (size, point) in a fresh worker; ``deadline`` (seconds for the whole run) caps each point's timeout and
     leaves the points it does not reach unmeasured (``skipped``), so that a run cut short keeps what it measured."""
@@ -791,6 +802,7 @@ def run_scale(
             "threads": threads,
             "nf4_init": nf4_init,
             "zo_noise": zo_noise,
+            **({"noise_scheme": noise_scheme} if noise_scheme else {}),
             "shapes": {s: {**SCALE_SHAPES[s], "param_count": param_count(SCALE_SHAPES[s])} for s in SCALE_SHAPES},
         }
     )
@@ -811,6 +823,7 @@ def run_scale(
                 "threads": threads,
                 "nf4_init": nf4_init,
                 **({"zo_noise": zo_noise} if zo_noise != "gaussian" else {}),  # earlier rows: Gaussian z
+                **({"noise_scheme": noise_scheme} if noise_scheme else {}),  # absent: the engine's default
             }
             key = _point_key(size, point)
             log_line(f"scale {key} on {device} ...")
@@ -902,6 +915,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="gaussian",
         help="z of the ZO points (zo_trainer's --zo_noise); a file holds one kind (name it with --name)",
     )
+    p.add_argument(
+        "--noise_scheme",
+        type=int,
+        choices=[1, 2, 3],
+        default=None,
+        help="draw z as this z scheme of the engine (default: as new runs do), e.g. 2 to time the engine before "
+        "scheme 3's Gaussian draw; a file holds one scheme (name it with --name)",
+    )
     return p
 
 
@@ -927,6 +948,10 @@ def main_scale(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         merged_noise = json.loads(json_path.read_text()).get("zo_noise", "gaussian")
         if merged_noise != args.zo_noise:
             parser.error(f"--merge: {json_path} holds {merged_noise} z rows, this run is --zo_noise {args.zo_noise}")
+        merged_scheme = json.loads(json_path.read_text()).get("noise_scheme")
+        if merged_scheme != args.noise_scheme:
+            held = f"z scheme {merged_scheme} rows" if merged_scheme else "rows of the default z scheme"
+            parser.error(f"--merge: {json_path} holds {held}, this run is --noise_scheme {args.noise_scheme}")
     out.mkdir(parents=True, exist_ok=True)
     payload = run_scale(
         out,
@@ -945,6 +970,7 @@ def main_scale(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         args.device,
         args.deadline,
         args.zo_noise,
+        args.noise_scheme,
     )
     failed = [k for k, v in payload["points"].items() if "error" in v and k.split("/")[1] in points]
     for goal in payload["goals"]:

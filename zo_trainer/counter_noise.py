@@ -3,9 +3,9 @@
 torch's CPU ``normal_`` (mt19937 + Box-Muller, one thread per call) costs ~2.4 ns per fp32 entry, and a ZO step draws
 every entry three times: on SmolLM2 that was most of a MeZO step's cost above its two forwards. Here each 64-bit word
 of a counter-based stream (SplitMix64's output function of ``key + word * golden``) gives four entries, each one 16 bits
-that pick one of 65,536 quantiles of N(0, 1) (the midpoints (k + 1/2) / 65536, rescaled to unit variance: |z| <= 4.2).
+that pick one of 65,536 quantiles of N(0, 1) (the midpoints (k + 1/2) / 65536, rescaled to unit variance: |z| <= 4.33).
 A C fill (``zo_trainer/_counter_noise.c``, built at install, called through ctypes, which releases the GIL) takes
-~0.45 ns per fp32 entry on one thread, in any dtype (it copies the table's bit patterns), and as z of an entry does
+~0.5 ns per fp32 entry on one thread, in any dtype (it copies the table's bit patterns), and as z of an entry does
 not depend on how a tensor is cut into chunks or threads, neither does a run. (A numba kernel was as fast, but loading
 numba and its LLVM adds ~130 MB to a process: 11% of SmolLM2's inference peak.)
 

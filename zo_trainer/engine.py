@@ -274,7 +274,7 @@ class ZOEngine:
     # the chunks are split over the noise threads, so z does not depend on the thread count. Elsewhere (CUDA,
     # non-contiguous tensors) both schemes draw one stream per tensor. Trajectories record the scheme (absent: 1).
     # 3 (new runs): as 2, but Gaussian z of a CPU block comes from a counter-based stream of the tensor's seed
-    # (``zo_trainer.counter_noise``: 16-bit quantiles of N(0, 1), ~0.4 ns per entry against normal_'s 2.4); Rademacher
+    # (``zo_trainer.counter_noise``: 16-bit quantiles of N(0, 1), ~0.5 ns per entry against normal_'s 2.4); Rademacher
     # z, and z off the blocked path, are drawn as in scheme 2.
     NOISE_SCHEME = 3
     NOISE_SCHEMES = (1, 2, 3)

@@ -23,9 +23,10 @@ from collections.abc import Callable
 
 import torch
 
-_GOLDEN = 0x9E3779B97F4A7C15  # The Weyl increment of SplitMix64.
-_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-_MASK64 = (1 << 64) - 1
+# SplitMix64: its Weyl increment and the multipliers of its output function (the engine's seeds use them too).
+SPLITMIX_GOLDEN = 0x9E3779B97F4A7C15
+SPLITMIX_MIX1, SPLITMIX_MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+MASK64 = (1 << 64) - 1
 _BITS = {
     torch.float32: torch.int32,
     torch.float64: torch.int64,
@@ -60,7 +61,7 @@ def counter_normal_(out: torch.Tensor, key: int, start: int = 0) -> torch.Tensor
     if fills is None:
         out.view(-1).copy_(counter_normal_reference(out.numel(), key, start, out.dtype))
         return out
-    fills[out.dtype](out.data_ptr(), _table(out.dtype).data_ptr(), out.numel(), key & _MASK64, start)
+    fills[out.dtype](out.data_ptr(), _table(out.dtype).data_ptr(), out.numel(), key & MASK64, start)
     return out
 
 
@@ -69,9 +70,9 @@ def counter_normal_reference(numel: int, key: int, start: int = 0, dtype: torch.
     modulo 2^64 as the kernel's uint64 does; right shifts are made logical by masking the sign extension)."""
     first, last = start // LANES, (start + numel - 1) // LANES
     words = torch.arange(first, last + 1, dtype=torch.int64)
-    x = words * _signed(_GOLDEN) + _signed(key & _MASK64)
-    x = (x ^ _shift_right(x, 30)) * _signed(_MIX1)
-    x = (x ^ _shift_right(x, 27)) * _signed(_MIX2)
+    x = words * _signed(SPLITMIX_GOLDEN) + _signed(key & MASK64)
+    x = (x ^ _shift_right(x, 30)) * _signed(SPLITMIX_MIX1)
+    x = (x ^ _shift_right(x, 27)) * _signed(SPLITMIX_MIX2)
     x = x ^ _shift_right(x, 31)
     lanes = torch.stack([_shift_right(x, 16 * lane) & 0xFFFF for lane in range(LANES)], dim=1).view(-1)
     picks = lanes[start - first * LANES : start - first * LANES + numel]

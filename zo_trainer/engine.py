@@ -32,13 +32,13 @@ from torch import nn
 
 from zo_trainer import counter_noise
 
-_MASK64 = (1 << 64) - 1
+_MASK64 = counter_noise.MASK64
 
 
 def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x = (x + counter_noise.SPLITMIX_GOLDEN) & _MASK64
+    x = ((x ^ (x >> 30)) * counter_noise.SPLITMIX_MIX1) & _MASK64
+    x = ((x ^ (x >> 27)) * counter_noise.SPLITMIX_MIX2) & _MASK64
     return x ^ (x >> 31)
 
 

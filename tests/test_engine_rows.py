@@ -194,3 +194,26 @@ def test_lm_head_inside_a_perturbed_module_gets_its_perturbed_weights(small_bloc
             param.add_(engine.noise(target, seed), alpha=eps)
         expected = reference(input_ids=IDS).logits
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("optim", ["mezo", "masked"])
+@pytest.mark.parametrize("vocab", [VOCAB, VOCAB + 1])
+def test_rows_drawn_alone_give_the_block_paths_bits(vocab, optim, dtype, small_blocks):
+    """Scheme 3 draws z of only the rows a batch reads (``_perturbed_rows``) where the block path's ops are whole
+    vector pairs; a tensor of 401 x 48 entries (not a multiple of 64) keeps the block path. Both: the whole-tensor
+    path's bits, in every dtype."""
+    model = make_tiny_llama(vocab, dtype, hidden_size=HIDDEN, max_position_embeddings=64).eval()
+    engine, _, _ = build(optim, model, row_blocked=True, threads=3)
+    reference = copy.deepcopy(model)
+    whole, _, _ = build(optim, reference, row_blocked=False)
+    weight = engine.targets[0].get()
+    assert engine._rows_drawn_alone(weight) == (vocab == VOCAB)
+    seed = perturbation_seed(0, 4)
+    for signed_eps in (1e-2, -1e-2):
+        with torch.no_grad(), engine.perturbed(seed, signed_eps):
+            embedded = model.model.embed_tokens(IDS)
+        with torch.no_grad(), whole.perturbed(seed, signed_eps):
+            expected = reference.model.embed_tokens(IDS)
+        assert torch.equal(embedded, expected)
+        assert not torch.equal(embedded, model.model.embed_tokens(IDS))  # Perturbed at all.

@@ -363,3 +363,23 @@ def test_time_goals_name_the_batch_they_were_measured_at():
     for name in ("scale_b16", "scale_b16_rademacher"):
         goal = goals[name]["1b mezo step / two forwards <= 1.15 (batch 16 x 128)"]
         assert goal["value"] > 1 and goal["status"] == ("met" if goal["value"] <= 1.15 else "not met")
+
+
+def test_paired_rounds_give_the_median_of_interleaved_ratios(tmp_path):
+    """--paired_rounds 3: three more steps, each timed between two timings of the forwards; the step / two forwards
+    ratio is the median of the rounds' ratios (a drifting machine speed does not pick the ratio). Without
+    --paired_timing it is one usage line."""
+    args = ("scale", "--quick", "--points", "mezo_bf16", "--threads", 1, "--nice", 0, "--out", tmp_path)
+    proc = zo_bench(*args, "--paired_timing", "--paired_rounds", 3, "--steps", 1, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads((tmp_path / "scale_quick.json").read_text())
+    row = payload["points"]["tiny/mezo_bf16"]
+    forwards, ratios, steps = row["two_forwards_seconds"], row["paired_round_ratios"], row["step_seconds"]
+    assert len(forwards) == 4 and len(ratios) == 3 and len(steps) == 1 + 3
+    for i, ratio in enumerate(ratios):
+        assert ratio == pytest.approx(steps[1 + i] / ((forwards[i] + forwards[i + 1]) / 2))
+    assert payload["ratios"]["tiny"]["mezo_bf16_step_over_two_forwards"] == pytest.approx(sorted(ratios)[1])
+    assert "median of 3 interleaved rounds" in payload["ratios"]["tiny"]["mezo_bf16_step_over_two_forwards_source"]
+    proc = zo_bench(*args, "--paired_rounds", 3, "--name", "x", timeout=120)
+    assert proc.returncode == 2 and "--paired_rounds 3" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -41,6 +41,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -261,21 +262,24 @@ def _adamw_amp_step(model: torch.nn.Module, loss_fn, extra: dict[str, Any]):
     return run_step
 
 
-def _two_forwards_paired(run_step, loss_fn, device: torch.device, times: list[float]) -> list[float]:
+def _two_forwards_paired(
+    run_step, loss_fn, device: torch.device, times: list[float], rounds: int = 1
+) -> tuple[list[float], list[float]]:
     """Two plain forwards of this same model in this process, after the steps (memory already taken): a ratio
-    that does not mix two processes run at different machine loads. Interleaved with one more step."""
+    that does not mix two processes run at different machine loads. ``rounds`` more steps, each between two timings
+    of the forwards (F S F S ... F); returns the forwards' times and each round's step / mean of its two neighbours."""
 
     def two_forwards() -> None:
         with torch.no_grad():
             loss_fn()
             loss_fn()
 
-    forwards = []
-    for _ in range(2):
+    forwards, ratios = [timed(two_forwards, device)], []
+    for _ in range(rounds):
+        times.append(timed(run_step, device))
         forwards.append(timed(two_forwards, device))
-        if len(forwards) == 1:
-            times.append(timed(run_step, device))
-    return forwards
+        ratios.append(times[-1] / ((forwards[-2] + forwards[-1]) / 2))
+    return forwards, ratios
 
 
 def _language_model_loss(model: torch.nn.Module, config: dict[str, Any], device: torch.device):
@@ -330,7 +334,10 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
             times.append(time.perf_counter() - t1)
     step_peak = max(sampler.peak, _status_bytes("VmHWM") if hwm_reset else 0)
     if config.get("paired_timing") and mode != "inference":
-        extra["two_forwards_seconds"] = _two_forwards_paired(run_step, loss_fn, device, times)
+        rounds = int(config.get("paired_rounds", 1))
+        extra["two_forwards_seconds"], extra["paired_round_ratios"] = _two_forwards_paired(
+            run_step, loss_fn, device, times, rounds
+        )
     return {
         "config": config,
         **_model_sizes(model, shape_name),
@@ -377,7 +384,10 @@ def _scale_worker_cuda(config: dict[str, Any], device: torch.device) -> dict[str
     times = [timed(run_step, device) for _ in range(steps)]
     step = probe.snapshot("step")
     if config.get("paired_timing") and mode != "inference":
-        extra["two_forwards_seconds"] = _two_forwards_paired(run_step, loss_fn, device, times)
+        rounds = int(config.get("paired_rounds", 1))
+        extra["two_forwards_seconds"], extra["paired_round_ratios"] = _two_forwards_paired(
+            run_step, loss_fn, device, times, rounds
+        )
     return {
         "config": config,
         "device": str(device),
@@ -456,7 +466,13 @@ def derive_ratios_and_goals(payload: dict[str, Any]) -> None:
                 if base_peak and peak(size, point):
                     r[f"{point}_peak_over_inference"] = peak(size, point) / base_peak
                 row = measured.get(_point_key(size, point)) or {}
-                if row.get("two_forwards_seconds") and ran(row):  # same process: preferred
+                rounds = row.get("paired_round_ratios") or []
+                if len(rounds) >= 3 and ran(row):  # same process, interleaved: robust to a machine whose speed drifts
+                    r[f"{point}_step_over_two_forwards"] = statistics.median(rounds)
+                    r[f"{point}_step_over_two_forwards_source"] = (
+                        f"same process, median of {len(rounds)} interleaved rounds (--paired_timing --paired_rounds)"
+                    )
+                elif row.get("two_forwards_seconds") and ran(row):  # same process: preferred
                     r[f"{point}_step_over_two_forwards"] = min(row["step_seconds"]) / min(row["two_forwards_seconds"])
                     r[f"{point}_step_over_two_forwards_source"] = "same process (--paired_timing)"
                 elif base_time and seconds(size, point):
@@ -782,6 +798,7 @@ def run_scale(
     deadline: float | None = None,
     zo_noise: str = "gaussian",
     noise_scheme: int | None = None,
+    paired_rounds: int = 1,
 ) -> dict[str, Any]:
     """Every (size, point) in a fresh worker; ``deadline`` (seconds for the whole run) caps each point's timeout and
     leaves the points it does not reach unmeasured (``skipped``), so that a run cut short keeps what it measured."""
@@ -814,6 +831,7 @@ def run_scale(
             config = {
                 **({"device": device} if device != "cpu" else {}),  # the CPU rows keep their original layout
                 "paired_timing": paired_timing,
+                **({"paired_rounds": paired_rounds} if paired_rounds != 1 else {}),  # earlier rows: one round
                 "shape": size,
                 "weights": weights,
                 "mode": mode,
@@ -908,6 +926,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ZO points also time two plain forwards in their own process (costs two forwards + one step more)",
     )
+    p.add_argument(
+        "--paired_rounds",
+        type=int,
+        default=1,
+        help="with --paired_timing: this many more steps, each between two timings of the forwards; from 3 on, step / "
+        "two forwards is the median of the rounds' ratios (else min step / min forwards)",
+    )
     p.add_argument("--merge", action="store_true", help="add to an existing JSON instead of replacing it")
     p.add_argument(
         "--zo_noise",
@@ -936,6 +961,8 @@ def main_scale(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     bad = [s for s in sizes if s not in SCALE_SHAPES] + [p for p in points if p not in POINTS]
     if bad:
         parser.error(f"unknown size/point {bad}: sizes {list(SCALE_SHAPES)}, points {list(POINTS)}")
+    if args.paired_rounds < 1 or (args.paired_rounds > 1 and not args.paired_timing):
+        parser.error(f"--paired_rounds {args.paired_rounds}: give a count >= 1, with --paired_timing")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: torch.cuda.is_available() is False here (torch {torch.__version__})")
     out = Path(args.out)
@@ -971,6 +998,7 @@ def main_scale(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         args.deadline,
         args.zo_noise,
         args.noise_scheme,
+        paired_rounds=args.paired_rounds,
     )
     failed = [k for k, v in payload["points"].items() if "error" in v and k.split("/")[1] in points]
     for goal in payload["goals"]:

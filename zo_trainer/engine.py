@@ -680,16 +680,15 @@ class ZOEngine:
         One fill per run of consecutive rows; the op is padded to whole vector pairs."""
         width, count = weight.shape[1], rows.numel() * weight.shape[1]
         padded = -(-count // 64) * 64
-        values = torch.zeros(padded, dtype=weight.dtype, device=weight.device)
+        values = torch.empty(padded, dtype=weight.dtype, device=weight.device)
         torch.index_select(weight, 0, rows, out=values[:count].view(-1, width))
         z = self._scratch.take((padded,), weight.dtype, weight.device, self._copy_slot())
+        values[count:].zero_()
         z[count:].zero_()
-        flat_rows = rows.tolist()
-        first = 0
-        for end in range(1, len(flat_rows) + 1):
-            if end == len(flat_rows) or flat_rows[end] != flat_rows[end - 1] + 1:
-                counter_noise.counter_normal_(z[first * width : end * width], seed, flat_rows[first] * width)
-                first = end
+        # Runs of consecutive rows: [bounds[k], bounds[k + 1]) in ``rows``, found with one tensor op.
+        bounds = [0, *(torch.nonzero(rows.diff() != 1).flatten() + 1).tolist(), rows.numel()]
+        for first, end, row in zip(bounds, bounds[1:], rows[bounds[:-1]].tolist()):
+            counter_noise.counter_normal_(z[first * width : end * width], seed, row * width)
         whole = self._whole_vector_pieces(padded, torch.get_num_threads())
         with contextlib.nullcontext() if whole else _one_intra_op_thread():
             self._perturb_chunk(target, values, z, signed_eps, 0)

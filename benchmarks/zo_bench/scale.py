@@ -264,10 +264,11 @@ def _adamw_amp_step(model: torch.nn.Module, loss_fn, extra: dict[str, Any]):
 
 def _two_forwards_paired(
     run_step, loss_fn, device: torch.device, times: list[float], rounds: int = 1
-) -> tuple[list[float], list[float]]:
+) -> dict[str, list[float]]:
     """Two plain forwards of this same model in this process, after the steps (memory already taken): a ratio
-    that does not mix two processes run at different machine loads. ``rounds`` more steps, each between two timings
-    of the forwards (F S F S ... F); returns the forwards' times and each round's step / mean of its two neighbours."""
+    that does not mix two processes run at different machine loads. ``rounds`` more steps (appended to ``times``),
+    each between two timings of the forwards (F S F S ... F); returns the forwards' times and each round's step / mean
+    of its two neighbours, as the row's ``two_forwards_seconds`` and ``paired_round_ratios``."""
 
     def two_forwards() -> None:
         with torch.no_grad():
@@ -279,7 +280,7 @@ def _two_forwards_paired(
         times.append(timed(run_step, device))
         forwards.append(timed(two_forwards, device))
         ratios.append(times[-1] / ((forwards[-2] + forwards[-1]) / 2))
-    return forwards, ratios
+    return {"two_forwards_seconds": forwards, "paired_round_ratios": ratios}
 
 
 def _language_model_loss(model: torch.nn.Module, config: dict[str, Any], device: torch.device):
@@ -334,10 +335,7 @@ def scale_worker(config: dict[str, Any]) -> dict[str, Any]:
             times.append(time.perf_counter() - t1)
     step_peak = max(sampler.peak, _status_bytes("VmHWM") if hwm_reset else 0)
     if config.get("paired_timing") and mode != "inference":
-        rounds = int(config.get("paired_rounds", 1))
-        extra["two_forwards_seconds"], extra["paired_round_ratios"] = _two_forwards_paired(
-            run_step, loss_fn, device, times, rounds
-        )
+        extra.update(_two_forwards_paired(run_step, loss_fn, device, times, int(config.get("paired_rounds", 1))))
     return {
         "config": config,
         **_model_sizes(model, shape_name),
@@ -384,10 +382,7 @@ def _scale_worker_cuda(config: dict[str, Any], device: torch.device) -> dict[str
     times = [timed(run_step, device) for _ in range(steps)]
     step = probe.snapshot("step")
     if config.get("paired_timing") and mode != "inference":
-        rounds = int(config.get("paired_rounds", 1))
-        extra["two_forwards_seconds"], extra["paired_round_ratios"] = _two_forwards_paired(
-            run_step, loss_fn, device, times, rounds
-        )
+        extra.update(_two_forwards_paired(run_step, loss_fn, device, times, int(config.get("paired_rounds", 1))))
     return {
         "config": config,
         "device": str(device),

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.zo_bench import accuracy, cli, common, growth, memory, study
 from benchmarks.zo_bench.common import default_rte_dir
@@ -545,3 +546,27 @@ def test_overfit_table_shows_a_run_that_diverged_after_its_minimum(tmp_path):
     mezo, sparse = rows["gpu_overfit32_mezo_lr3e-5_2k"], rows["gpu_overfit32_sparse_lr3e-4_2k"]
     assert " | 0.481 | 208 / 624 / None | 468 | yes |" in mezo
     assert " | 0.507 | 496 / None / None | 0.507 | no |" in sparse
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_cuda_passes_quick_times_both_schemes_through_the_console_script(tmp_path):
+    """zo-bench cuda-passes --quick: the harness of the GPU passes benchmark, its kernels in Triton's interpreter on CPU
+    tensors. Every (scheme, mask) configuration is timed, scheme 4 through the kernels and scheme 3 not; bad flags, and
+    a GPU run asked for where there is none, are one line each with nothing written."""
+    proc = zo_bench("cuda-passes", "--quick", "--repeats", 1, "--out", tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "cuda_passes_quick.json").read_text())
+    assert payload["suite"] == "cuda-passes" and payload["quick"] is True and payload["setup"]["interpreted"]
+    _check_environment(payload["environment"])
+    rows = {(row["scheme"], row["masked"]): row for row in payload["rows"]}
+    assert set(rows) == {(4, False), (3, False), (4, True), (3, True)}
+    for (scheme, _), row in rows.items():
+        assert row["fused"] is (scheme == 4)
+        assert _finite(row["perturb_pass_ms"]) and _finite(row["update_ms"]) and len(row["update_all_ms"]) == 1
+    assert "| update, masked |" in proc.stdout
+    bad = zo_bench("cuda-passes", "--layers", 0, "--out", tmp_path / "bad", timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--layers" in bad.stderr
+    if not torch.cuda.is_available():
+        no_gpu = zo_bench("cuda-passes", "--out", tmp_path / "none", timeout=120)
+        assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr and "Traceback" not in no_gpu.stderr
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "none").exists()

@@ -37,7 +37,7 @@ class Layer(nn.Module):
         self.bias = nn.Parameter(torch.randn(100, generator=generator).to(dtype), requires_grad=False)
 
 
-# z as new runs draw it (scheme 3: Gaussian from a counter-based stream; Rademacher as in scheme 2), and scheme 2's
+# z as new runs draw it on CPU (schemes 3-4: Gaussian from a counter-based stream; Rademacher as in scheme 2), and scheme 2's
 # Gaussian (one normal_ stream per block), which replay and resume of scheme-2 runs still draw.
 DISTRIBUTIONS = ("gaussian", "gaussian-scheme2", "rademacher")
 
@@ -46,7 +46,7 @@ def engine_for(module: nn.Module, distribution: str, threads: int) -> ZOEngine:
     """An engine drawing ``distribution`` (one of DISTRIBUTIONS) z on ``threads`` noise threads."""
     name, _, scheme = distribution.partition("-scheme")
     engine = ZOEngine(parameter_targets(module, lambda *_: True), threads, distribution=name)
-    assert engine.noise_scheme == 3
+    assert engine.noise_scheme == 4
     engine.noise_scheme = int(scheme or engine.noise_scheme)
     if threads > 1:
         engine.CHEAP_DRAW_THREADS = 0  # Cheap draws (Rademacher, scheme 3) over the noise threads too (default: one).

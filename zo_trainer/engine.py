@@ -16,7 +16,8 @@ classic direction: also E[z z^T] = I). On CPU (z schemes 2-3) it is drawn in blo
 consecutive blocks at a time, each chunk used at once, so z costs one write of the perturbed copy per pass rather than
 a write and a re-read of a z buffer; the sparse mask is likewise built chunk by chunk, in the tensor's dtype. Gaussian
 z of scheme 3 is a counter-based stream (``zo_trainer.counter_noise``), 5x cheaper than torch's ``normal_`` that scheme
-2 seeded per block. How blocks are grouped into chunks and threads changes no bit.
+2 seeded per block. How blocks are grouped into chunks and threads changes no bit. Scheme 4 draws the same stream on CUDA
+inside Triton kernels that apply it (``zo_trainer.triton_noise``): one read and one write of a tensor per pass.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from zo_trainer import counter_noise
+from zo_trainer import counter_noise, triton_noise
 
 _MASK64 = counter_noise.MASK64
 
@@ -146,6 +147,8 @@ class ZOEngine:
         self._sign_tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._sign_buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}  # Rademacher scratch of whole blocks.
         self.noise_scheme = self.NOISE_SCHEME  # Replay and resume set the scheme their run used.
+        if any(t.get().device.type == "cuda" for t in self.targets) and not triton_noise.available():
+            self.noise_scheme = 3  # Scheme 4's CUDA kernels need Triton (in PyTorch's CUDA wheels); recorded as 3.
         # Two threads for either distribution: Rademacher copies alone ran faster on one (SmolLM2: 1.3 vs 3.1 ns per
         # entry), yet a whole step on one was slower (step / two forwards 1.43 vs 1.28): the forward's threads idle.
         self.num_noise_threads = num_noise_threads or max(1, min(self.NOISE_CHUNKS, torch.get_num_threads()))
@@ -233,6 +236,8 @@ class ZOEngine:
         if out is None:  # Contiguous, like the scratch buffers training draws into (a strided tensor's z is the same).
             out = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
         seed = target_seed(step_seed, target.index)
+        if self._fused(out):
+            return triton_noise.fill_(out, seed)
         if self._blocked(out):
             flat = out.view(-1)
             self._for_each_chunk(flat, lambda start, stop, slot: self._chunk_noise(seed, start, flat[start:stop], slot))
@@ -275,9 +280,11 @@ class ZOEngine:
     # non-contiguous tensors) both schemes draw one stream per tensor. Trajectories record the scheme (absent: 1).
     # 3 (new runs): as 2, but Gaussian z of a CPU block comes from a counter-based stream of the tensor's seed
     # (``zo_trainer.counter_noise``: 16-bit quantiles of N(0, 1), ~0.5 ns per entry against normal_'s 2.4); Rademacher
-    # z, and z off the blocked path, are drawn as in scheme 2.
-    NOISE_SCHEME = 3
-    NOISE_SCHEMES = (1, 2, 3)
+    # z, and z off the blocked path, are drawn as in scheme 2. 4 (new runs): as 3, and Gaussian z of a contiguous CUDA
+    # tensor is scheme 3's stream too (the same bits as on CPU), drawn inside Triton kernels that apply it
+    # (``zo_trainer.triton_noise``); under 1-3 it is one ``normal_`` stream per tensor.
+    NOISE_SCHEME = 4
+    NOISE_SCHEMES = (1, 2, 3, 4)
     NOISE_BLOCK = 1 << 16
 
     def noise_config(self) -> dict[str, int | str]:
@@ -302,13 +309,28 @@ class ZOEngine:
                 f"z was drawn with scheme {scheme}, unknown to this zo_trainer (it knows schemes {self.NOISE_SCHEMES}): "
                 "use the zo_trainer version that wrote the file, or a newer one."
             )
+        needs_triton = scheme >= 4 and distribution == "gaussian" and not triton_noise.available()
+        if needs_triton and any(t.get().device.type == "cuda" for t in self.targets):
+            raise ValueError(
+                "z was drawn with scheme 4, whose CUDA kernels need Triton (part of PyTorch's CUDA wheels): install "
+                "triton, or replay / resume on a CPU (the same z)."
+            )
         self.noise_scheme, self.distribution = scheme, distribution
         self.NOISE_CHUNKS = config.get("cpu_chunks", self.NOISE_CHUNKS)
         self._CHUNKED_MIN_NUMEL = config.get("cpu_chunked_min_numel", self._CHUNKED_MIN_NUMEL)
         self.NOISE_BLOCK = config.get("block", self.NOISE_BLOCK)
 
     def _blocked(self, tensor: torch.Tensor) -> bool:
-        return self.noise_scheme >= 2 and tensor.device.type == "cpu" and tensor.is_contiguous()
+        return (
+            self.noise_scheme >= 2
+            and tensor.device.type == "cpu"
+            and tensor.is_contiguous()
+            and not self._fused(tensor)
+        )
+
+    def _fused(self, tensor: torch.Tensor) -> bool:
+        """Whether z of ``tensor`` is drawn inside the Triton kernels that apply it (scheme 4, Gaussian, CUDA)."""
+        return self.noise_scheme >= 4 and self.distribution == "gaussian" and triton_noise.supported(tensor)
 
     # The blocked paths work a chunk of up to CHUNK_BLOCKS consecutive blocks at a time: each block is still seeded
     # and drawn on its own (``_chunk_noise``: z is unchanged), but the elementwise work (perturbed copy, mask, update,
@@ -558,6 +580,10 @@ class ZOEngine:
     def _perturbed_tensor(
         self, target: ZOTarget, original: torch.Tensor, step_seed: int, signed_eps: float
     ) -> torch.Tensor:
+        if self._fused(original):
+            out = self._noise_buffer(target, original)
+            seed = target_seed(step_seed, target.index)
+            return triton_noise.perturbed_copy(original, out, seed, signed_eps, target.threshold)
         if self._blocked(original):
             return self._perturbed_tensor_blocked(target, original, step_seed, signed_eps)
         mask = self.mask(target, original)
@@ -747,8 +773,16 @@ class ZOEngine:
         The mask is taken from the values before the update, as in the forward passes of this step.
         """
         masked = None  # Number of entries that took part, as a tensor: summed without a host sync.
+        fused = self._fused_update_arguments(step_seeds, coefficients)
         for target in self.targets:
             tensor = target.get()
+            if target.index in fused:
+                keys, taking_part = fused[target.index]
+                decay = -lr * target.weight_decay if target.weight_decay and lr else 0.0
+                count = triton_noise.update_(tensor, keys, taking_part, target.threshold, decay, target.min_value)
+                if count is not None:
+                    masked = count if masked is None else masked + count
+                continue
             if self._blocked(tensor):
                 count = self._update_blocked(target, tensor, step_seeds, coefficients, lr)
                 if count is not None:
@@ -780,6 +814,24 @@ class ZOEngine:
             dense = sum(t.numel for t in self.targets if t.threshold is None)
             fraction = (masked + dense) / self.total_numel
             self.mask_fraction_sum = fraction if self.mask_fraction_sum is None else self.mask_fraction_sum + fraction
+
+    def _fused_update_arguments(
+        self, step_seeds: Sequence[int], coefficients: Sequence[float]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Target index -> (keys, coefficients) on its device for the fused update (``triton_noise.update_arguments``:
+        one copy per device), seeds with a zero coefficient left out."""
+        taking_part = [(seed, c) for seed, c in zip(step_seeds, coefficients) if c != 0.0]
+        by_device: dict[torch.device, list[ZOTarget]] = {}
+        for target in self.targets:
+            tensor = target.get()
+            if self._fused(tensor):
+                by_device.setdefault(tensor.device, []).append(target)
+        arguments = {}
+        for device, targets in by_device.items():
+            keys = [[target_seed(seed, t.index) for seed, _ in taking_part] for t in targets]
+            key_rows, kept = triton_noise.update_arguments(keys, [c for _, c in taking_part], device)
+            arguments.update({t.index: (key_rows[i], kept) for i, t in enumerate(targets)})
+        return arguments
 
     def _update_blocked(
         self,

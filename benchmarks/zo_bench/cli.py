@@ -10,6 +10,7 @@
     zo-bench scale    [--quick] [--sizes 7b] ...             # real Llama shapes (own flags: zo-bench scale --help)
     zo-bench qzo-step-time --gptq_dir DIR ...                # qzo through ZOTrainer.training_step (own flags)
     zo-bench engine   [--quick] [--shapes smollm2-135m] ...  # the engine's own work per step, z scheme 1 vs 2
+    zo-bench cuda-passes [--layers 32] [--quick]             # GPU: perturbed copy / update passes, z scheme 3 vs 4
     python -m benchmarks.zo_bench memory-worker --config '{...}'   # internal: one memory measurement
 
 Every figure is a ratio of two quantities measured in the same run (the CPU is shared, so absolute
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zo-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "suite", choices=[*SUITES, "all", "report", "study", "scale", "qzo-step-time", "engine", "memory-worker"]
+        "suite",
+        choices=[*SUITES, "all", "report", "study", "scale", "qzo-step-time", "engine", "cuda-passes", "memory-worker"],
     )
     p.add_argument("--quick", action="store_true", help="tiny random model, CI-sized (< 60 s for all suites)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG files")
@@ -93,6 +95,13 @@ def _main(argv: list[str] | None = None) -> int:
         engine_args = engine_parser()
         usage_errors_in_one_line(engine_args, "zo-bench engine")
         return main_engine_cost(raw_argv[1:], parser=engine_args)
+    if raw_argv[:1] == ["cuda-passes"]:  # scheme 3 vs 4 passes on a GPU, own flags: cuda_passes.py
+        from .cuda_passes import build_parser as passes_parser
+        from .cuda_passes import main_cuda_passes
+
+        passes_args = passes_parser()
+        usage_errors_in_one_line(passes_args, "zo-bench cuda-passes")
+        return main_cuda_passes(raw_argv[1:], parser=passes_args)
     if raw_argv[:1] == ["qzo-step-time"]:  # through ZOTrainer.training_step, own flags: speed.py
         from .speed import main_trainer_step, trainer_step_parser
 

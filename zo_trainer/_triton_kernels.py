@@ -1,0 +1,115 @@
+"""Triton kernels of ``zo_trainer.triton_noise`` (imported only where they are used: it imports Triton)."""
+
+import triton
+import triton.language as tl
+
+from zo_trainer import counter_noise
+
+GOLDEN = tl.constexpr(counter_noise.SPLITMIX_GOLDEN)
+MIX1 = tl.constexpr(counter_noise.SPLITMIX_MIX1)
+MIX2 = tl.constexpr(counter_noise.SPLITMIX_MIX2)
+
+
+@triton.jit
+def mixed(key, word):
+    """SplitMix64's output function of key + word * golden (uint64), as ``counter_noise`` defines the stream."""
+    x = key.to(tl.int64).to(tl.uint64, bitcast=True) + word.to(tl.uint64) * GOLDEN
+    x = (x ^ (x >> 30)) * MIX1
+    x = (x ^ (x >> 27)) * MIX2
+    return x ^ (x >> 31)
+
+
+@triton.jit
+def z_block(key, program, table, BLOCK: tl.constexpr, PER_WORD: tl.constexpr):
+    """z of the BLOCK entries from ``program * BLOCK`` of the stream of ``key``, in fp32: entry i is the table entry
+    picked by 16 bits (i % 4) of word i // 4. Two ways to the same bits, each where it measured faster (H200, a 7B
+    model's matrices in fp16): each entry mixing its word itself (4x the integer work, no data movement; dense passes
+    25 ms against 36 ms), or each word mixed once and its four entries interleaved by join / reshape (a shuffle through
+    shared memory; masked passes 36 ms, where mixing per entry was not measured)."""
+    if PER_WORD:
+        x = mixed(key, program.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
+        z0 = tl.load(table + (x & 0xFFFF).to(tl.int32))
+        z1 = tl.load(table + ((x >> 16) & 0xFFFF).to(tl.int32))
+        z2 = tl.load(table + ((x >> 32) & 0xFFFF).to(tl.int32))
+        z3 = tl.load(table + (x >> 48).to(tl.int32))
+        # join adds a last axis: [w, a, b] is (z0, z2)[a] for b = 0, (z1, z3)[a] for b = 1: entry 4w + 2a + b is
+        # lane 2a + b.
+        return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
+    index = program.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pick = (mixed(key, index >> 2) >> ((index & 3) * 16).to(tl.uint64)) & 0xFFFF
+    return tl.load(table + pick.to(tl.int32))
+
+
+@triton.jit
+def add(a, b):
+    """``tl.reduce``'s combine for a sum. Not ``tl.sum``: Triton's own jit helpers are fixed as compiled or interpreted
+    when Triton is first imported (torch may import it first), so the CPU tests' interpreter could not call them."""
+    return a + b
+
+
+@triton.jit
+def rounded(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to nearest even in ``dtype``. To bf16 by integer ops on the bits: Triton's interpreter (the
+    tests' CPU path) truncates that cast, the GPU rounds to nearest even; both give these bits."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit(do_not_specialize=["key"])
+def fill(out, numel, key, table, BLOCK: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    z = z_block(key, tl.program_id(0), table, BLOCK, False)
+    tl.store(out + index, rounded(z, out.dtype.element_ty), mask=index < numel)
+
+
+@triton.jit(do_not_specialize=["key", "eps", "threshold"])
+def perturb(weight, out, numel, key, table, eps, threshold, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = index < numel
+    w = tl.load(weight + index, mask=inside, other=0.0).to(tl.float32)
+    step = eps * z_block(key, tl.program_id(0), table, BLOCK, MASKED)
+    if MASKED:
+        step = tl.where(tl.abs(w) <= threshold, step, 0.0)
+    tl.store(out + index, rounded(w + step, out.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["threshold", "decay", "min_value"])
+def update(
+    weight,
+    numel,
+    keys,
+    coefficients,
+    table,
+    threshold,
+    decay,
+    min_value,
+    counts,
+    NUM_KEYS: tl.constexpr,
+    MASKED: tl.constexpr,
+    DECAY: tl.constexpr,
+    CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    program = tl.program_id(0)
+    index = program.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = index < numel
+    w = tl.load(weight + index, mask=inside, other=0.0).to(tl.float32)
+    change = w * 0.0
+    for k in tl.static_range(NUM_KEYS):
+        change += tl.load(coefficients + k).to(tl.float32) * z_block(tl.load(keys + k), program, table, BLOCK, MASKED)
+    if MASKED:  # From the values before this update, as in the forward passes.
+        taking_part = (tl.abs(w) <= threshold) & inside
+        tl.store(counts + program, tl.reduce(taking_part.to(tl.int32), 0, add))
+        w = tl.where(taking_part, w - change, w)
+        if DECAY:
+            w = tl.where(taking_part, w + decay * w, w)
+    else:
+        w = w - change
+        if DECAY:
+            w = w + decay * w
+    if CLAMP:
+        w = tl.maximum(w, min_value)
+    tl.store(weight + index, rounded(w, weight.dtype.element_ty), mask=inside)

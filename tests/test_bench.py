@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -82,8 +83,8 @@ def test_speed_quick(out, tmp_path):
         "sparse_mezo",
         "mezo_rademacher",
         "sparse_mezo_rademacher",
-        "mezo_scheme2",
-        "sparse_mezo_scheme2",
+        "mezo_scheme4",
+        "sparse_mezo_scheme4",
         "mezo_reference_inplace",
         "qzo_gptq",
         "qzo_nf4",
@@ -94,7 +95,7 @@ def test_speed_quick(out, tmp_path):
     assert set(payload["goals"]) == {f"{m}_ratio_le_1.15" for m in ("mezo", "sparse_mezo", "qzo_gptq", "qzo_nf4")}
     assert _finite(payload["reference_over_ours_mezo"])
     assert all(_finite(payload[f"rademacher_over_gaussian_{name}"]) for name in ("mezo", "sparse_mezo"))
-    assert all(_finite(payload[f"scheme2_over_scheme3_{name}"]) for name in ("mezo", "sparse_mezo"))
+    assert all(_finite(payload[f"scheme4_over_scheme5_{name}"]) for name in ("mezo", "sparse_mezo"))
     teams = payload["two_forwards_beside_idle_openmp_teams"]  # the same floor beside idle OpenMP teams, same rounds
     assert len(teams["seconds_all"]) == payload["setup"]["repeats"] and _finite(teams["over_plain_two_forwards"])
     # zo-bench report prints the Rademacher rows and their ratio to the Gaussian steps; and still reads a speed.json
@@ -106,20 +107,27 @@ def test_speed_quick(out, tmp_path):
     text = report(tmp_path / "new")
     assert "| mezo_rademacher | fp32 |" in text and "| sparse_mezo_rademacher | fp32 |" in text
     assert "mezo step with Rademacher z / with Gaussian z" in text
-    assert (
-        "| mezo_scheme2 | fp32 |" in text and "mezo step with z scheme 2's Gaussian (normal_) / with scheme 3's" in text
-    )
+    assert "| mezo_scheme4 | fp32 | " in text and "mezo step with z scheme 4's Gaussian / with scheme 5's" in text
+    assert re.search(r"\| mezo_scheme4 \| fp32 \| .* \| \(baseline\) \|", text)
     assert "two forwards beside two idle OpenMP teams / plain two forwards (same rounds): " in text
     (tmp_path / "old").mkdir()
     committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed.json"
     older = json.loads(committed.read_text())
-    older["results"] = {k: v for k, v in older["results"].items() if "rademacher" not in k and "scheme2" not in k}
-    dropped = ("rademacher_over", "two_forwards_beside", "scheme2_over")
+    older["results"] = {k: v for k, v in older["results"].items() if "rademacher" not in k and "_scheme" not in k}
+    dropped = ("rademacher_over", "two_forwards_beside", "scheme")
     older = {k: v for k, v in older.items() if not k.startswith(dropped)}
     (tmp_path / "old" / "speed.json").write_text(json.dumps(older))
     text = report(tmp_path / "old")
     assert "| mezo | fp32 |" in text and "rademacher" not in text.lower() and "OpenMP" not in text
-    assert "scheme 2" not in text
+    assert "z scheme" not in text
+    # A speed.json of z scheme 3 (before scheme 5) names its scheme-2 rows as it did.
+    (tmp_path / "scheme3").mkdir()
+    scheme3 = {**older, "scheme2_over_scheme3_mezo": 1.25}
+    scheme3["results"] = {**older["results"], "mezo_scheme2": older["results"]["mezo"]}
+    (tmp_path / "scheme3" / "speed.json").write_text(json.dumps(scheme3))
+    text = report(tmp_path / "scheme3")
+    assert "mezo step with z scheme 2's Gaussian / with scheme 3's, same rounds: 1.250" in text
+    assert re.search(r"\| mezo_scheme2 \| fp32 \| .* \| \(baseline\) \|", text)
 
 
 @needs_run
@@ -197,7 +205,7 @@ def test_growth_quick(out):
 
 
 def test_engine_quick_times_every_z_scheme_through_the_console_script(tmp_path):
-    """zo-bench engine --quick: the engine's own work per step (no forward), z schemes 1, 2 and 3, dense and sparse.
+    """zo-bench engine --quick: the engine's own work per step (no forward), z schemes 1, 2, 3, 5, dense and sparse.
 
     Checks the harness, not the figures: every scheme of both methods timed (wall and CPU), every module reading a
     target saw its perturbed copy in both passes (the engine's hooks did the work), and one error line for a bad flag.
@@ -212,13 +220,14 @@ def test_engine_quick_times_every_z_scheme_through_the_console_script(tmp_path):
     assert set(methods) == {"mezo", "sparse_mezo"}
     assert methods["mezo"]["entries"] > methods["sparse_mezo"]["entries"] > 0  # sparse leaves embedding and norms
     for row in methods.values():
-        for scheme in (1, 2, 3):
+        for scheme in (1, 2, 3, 5):
             timed = row[f"scheme{scheme}"]
             assert timed["noise_config"]["scheme"] == scheme
             assert _finite(timed["wall_seconds_median"]) and _finite(timed["cpu_seconds_median"])
             assert len(timed["cpu_seconds_all"]) == payload["setup"]["repeats"] == 1
             assert timed["modules_perturbed_per_pass"] == [timed["modules_reading_targets"]]
         assert _finite(row["ratio_cpu"]) and _finite(row["ratio_wall"]) and _finite(row["ratio_3_over_2_cpu"])
+        assert _finite(row["ratio_5_over_3_cpu"]) and _finite(row["ratio_5_over_3_wall"])
     assert "| tiny | `sparse_mezo` |" in proc.stdout
     # An engine.json written before scheme 3 (the committed one, less its scheme-3 figures) still makes a table.
     from benchmarks.zo_bench.engine_cost import table
@@ -226,8 +235,8 @@ def test_engine_quick_times_every_z_scheme_through_the_console_script(tmp_path):
     older = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/engine.json").read_text())
     for result in older["shapes"].values():
         for row in result["methods"].values():
-            for key in ("scheme3", "ratio_3_over_2_cpu", "ratio_3_over_2_wall"):
-                row.pop(key)
+            for key in ("scheme3", "ratio_3_over_2_cpu", "ratio_3_over_2_wall", "scheme5", "ratio_5_over_3_cpu"):
+                row.pop(key, None)
     assert "| - | **" in table(older)
     bad = zo_bench("engine", "--shapes", "llama-70b", "--out", tmp_path / "bad")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "llama-70b" in bad.stderr

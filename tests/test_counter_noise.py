@@ -1,11 +1,13 @@
-"""Gaussian z of z scheme 3 (``zo_trainer.counter_noise``): the compiled kernel gives the bits of the torch-ops
-reference, entry i depends only on (key, i) (so chunks and threads change nothing), the values are a unit-variance
-Gaussian, and without the C extension the same z comes from the reference."""
+"""Counter-based Gaussian z of z schemes 3 (16-bit picks) and 5 (8-bit picks) (``zo_trainer.counter_noise``): the
+compiled kernels (scheme 5: the AVX-512 one and the portable one) give the bits of the torch-ops reference, entry i
+depends only on (key, i) (so chunks and threads change nothing), the values are a unit-variance Gaussian, and without
+the C extension the same z comes from the reference."""
 
 from __future__ import annotations
 
 import hashlib
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,36 +19,54 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 KEY = 0x7FFF_1234_5678_9ABC
 
 
+# Starts and sizes around word boundaries (4 / 8 entries) and the AVX-512 loop's groups of 64 entries.
+SPANS = [(0, 1), (0, 7), (3, 10), (1, 2), (2, 1), (0, 64), (7, 64), (1, 71), (9, 200), (65536, 65536), (5, 100_003)]
+SPANS += [((1 << 33) + 1, 50), ((1 << 33) + 3, 5_000)]
+
+
+@pytest.mark.parametrize("pick_bits", counter_noise.PICK_BITS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "start,numel",
-    [(0, 1), (0, 7), (3, 10), (1, 2), (2, 1), (65536, 65536), (5, 100_003), ((1 << 33) + 1, 50)],
-)
-def test_the_c_fill_gives_the_reference_bits(dtype, start, numel):
-    drawn = counter_normal_(torch.empty(numel, dtype=dtype), KEY, start)
-    assert torch.equal(drawn, counter_normal_reference(numel, KEY, start, dtype))
+@pytest.mark.parametrize("start,numel", SPANS)
+def test_the_c_fill_gives_the_reference_bits(dtype, start, numel, pick_bits):
+    expected = counter_normal_reference(numel, KEY, start, dtype, pick_bits)
+    for simd in (True, False):  # Scheme 5: the AVX-512 loop (where the CPU has it) and the portable one.
+        drawn = counter_normal_(torch.empty(numel, dtype=dtype), KEY, start, pick_bits, simd=simd)
+        assert torch.equal(drawn, expected), simd
 
 
-def test_entries_depend_on_their_index_only():
+def test_this_machines_cpu_runs_the_avx512_fill():
+    """The project's CPUs have AVX-512 (CI's too): the test above compared both of scheme 5's loops there."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or "avx512bw" not in cpuinfo.read_text():
+        pytest.skip("this CPU has no AVX-512BW")
+    assert counter_noise.simd_fill()
+
+
+@pytest.mark.parametrize("pick_bits", counter_noise.PICK_BITS)
+def test_entries_depend_on_their_index_only(pick_bits):
     """Cut anywhere (word boundaries or not), the pieces make up the whole draw: chunks and threads change no bit."""
-    whole = counter_normal_(torch.empty(10_000), KEY, 40)
+    whole = counter_normal_(torch.empty(10_000), KEY, 40, pick_bits)
     cuts = [0, 1, 2, 7, 64, 65, 4097, 9_998, 10_000]
-    pieces = [counter_normal_(torch.empty(b - a), KEY, 40 + a) for a, b in zip(cuts, cuts[1:])]
+    pieces = [counter_normal_(torch.empty(b - a), KEY, 40 + a, pick_bits) for a, b in zip(cuts, cuts[1:])]
     assert torch.equal(torch.cat(pieces), whole)
-    assert torch.equal(counter_normal_(torch.empty(100, 100), KEY, 40).view(-1), whole[:10_000])
+    assert torch.equal(counter_normal_(torch.empty(100, 100), KEY, 40, pick_bits).view(-1), whole[:10_000])
 
 
-def test_z_is_a_unit_gaussian_and_keys_give_unrelated_streams():
-    z = counter_normal_(torch.empty(1 << 22, dtype=torch.float64), KEY)
+@pytest.mark.parametrize("pick_bits,kurtosis,tail", [(16, 3.0, 0.01), (8, 2.92, 0.04)])
+def test_z_is_a_unit_gaussian_and_keys_give_unrelated_streams(pick_bits, kurtosis, tail):
+    """Mean 0, variance 1, near-Gaussian kurtosis (3; 256 levels cut the tails at 2.89: 2.92) and quantiles (256
+    levels: within half a level's spacing, 0.04 at 2 sigma, of N(0, 1)'s); neighbouring keys, entries and the lanes of one word
+    uncorrelated."""
+    z = counter_normal_(torch.empty(1 << 22, dtype=torch.float64), KEY, 0, pick_bits)
     assert abs(float(z.mean())) < 3e-3 and abs(float(z.var()) - 1) < 3e-3
-    assert abs(float(z.pow(4).mean()) - 3) < 0.03  # Gaussian kurtosis (Rademacher: 1, uniform: 1.8).
-    assert float(z.abs().max()) <= float(normal_table(torch.float64).abs().max())
+    assert abs(float(z.pow(4).mean()) - kurtosis) < 0.03  # Rademacher: 1, uniform: 1.8.
+    assert float(z.abs().max()) <= float(normal_table(torch.float64, pick_bits).abs().max())
     for q, expected in ((0.5, 0.0), (0.8413, 1.0), (0.9772, 2.0)):
-        assert abs(float(z.quantile(q)) - expected) < 0.01
-    other = counter_normal_(torch.empty(1 << 22, dtype=torch.float64), KEY + 1)
+        assert abs(float(z.quantile(q)) - expected) < tail
+    other = counter_normal_(torch.empty(1 << 22, dtype=torch.float64), KEY + 1, 0, pick_bits)
     assert abs(float((z * other).mean())) < 3e-3  # Neighbouring keys: uncorrelated.
-    lanes = z.view(-1, 4)  # The four 16-bit lanes of one word are independent too.
-    assert all(abs(float((lanes[:, 0] * lanes[:, k]).mean())) < 5e-3 for k in (1, 2, 3))
+    lanes = z.view(-1, counter_noise.lanes(pick_bits))  # The lanes of one word are independent too.
+    assert all(abs(float((lanes[:, 0] * lanes[:, k]).mean())) < 5e-3 for k in range(1, lanes.shape[1]))
     assert abs(float((z[1:] * z[:-1]).mean())) < 3e-3
 
 
@@ -58,19 +78,40 @@ def test_the_table_is_pinned():
     assert digest == "8babbcaf96568f10165a1eab530c0e5c92d04de96761b6dbb3dadfa94baba37f"
 
 
+def test_scheme_5s_table_is_pinned_and_the_same_in_every_dtype():
+    """256 values: 128 increasing positive magnitudes, then the same negated (bit 7 of a pick is the sign); bf16-exact,
+    so fp32 / bf16 / fp16 / fp64 z are the same numbers; variance 1 to bf16 rounding. A change would change every
+    scheme-5 run's z."""
+    table = normal_table(torch.float64, 8)
+    magnitudes = table[:128]
+    assert table.numel() == 256 and torch.equal(table[128:], -magnitudes)
+    assert bool((magnitudes > 0).all()) and bool((magnitudes.diff() > 0).all())
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(normal_table(dtype, 8).double(), table), dtype
+    assert abs(float(table.square().mean()) - 1) < 2e-3 and float(table.max()) == pytest.approx(2.89, abs=0.01)
+    digest = hashlib.sha256(normal_table(torch.float32, 8).numpy().tobytes()).hexdigest()
+    assert digest == "b419553df83ef6bcbb7c133c2bb5e2749e5a3b25f7d64a45a89c1c277d287989"
+
+
+def test_other_pick_widths_are_refused():
+    with pytest.raises(ValueError, match="pick_bits must be one of"):
+        normal_table(torch.float32, 4)
+
+
 def test_the_c_fill_is_built_and_used():
     """CI installs with a C compiler: the extension must be there (else the tests above compared the reference with
     itself)."""
     assert counter_noise._fills() is not None
 
 
-def test_without_the_extension_the_reference_draws_the_same_z(monkeypatch):
-    expected = counter_normal_(torch.empty(5_000, dtype=torch.bfloat16), KEY, 12)
+@pytest.mark.parametrize("pick_bits", counter_noise.PICK_BITS)
+def test_without_the_extension_the_reference_draws_the_same_z(pick_bits, monkeypatch):
+    expected = counter_normal_(torch.empty(5_000, dtype=torch.bfloat16), KEY, 12, pick_bits)
     monkeypatch.setitem(sys.modules, "zo_trainer._counter_noise", None)  # Its import now raises ImportError.
     counter_noise._fills.cache_clear()
     try:
         with pytest.warns(UserWarning, match="C extension .* is not built"):
-            drawn = counter_normal_(torch.empty(5_000, dtype=torch.bfloat16), KEY, 12)
+            drawn = counter_normal_(torch.empty(5_000, dtype=torch.bfloat16), KEY, 12, pick_bits)
         assert torch.equal(drawn, expected)
     finally:
         counter_noise._fills.cache_clear()

@@ -37,16 +37,17 @@ class Layer(nn.Module):
         self.bias = nn.Parameter(torch.randn(100, generator=generator).to(dtype), requires_grad=False)
 
 
-# z as new runs draw it on CPU (schemes 3-4: Gaussian from a counter-based stream; Rademacher as in scheme 2), and scheme 2's
-# Gaussian (one normal_ stream per block), which replay and resume of scheme-2 runs still draw.
-DISTRIBUTIONS = ("gaussian", "gaussian-scheme2", "rademacher")
+# z as new runs draw it on CPU (scheme 5: Gaussian from a counter-based stream of 8-bit picks; Rademacher as in scheme
+# 2), scheme 3's Gaussian (16-bit picks) and scheme 2's (one normal_ stream per block), which replay and resume of
+# scheme-2 to 4 runs still draw.
+DISTRIBUTIONS = ("gaussian", "gaussian-scheme3", "gaussian-scheme2", "rademacher")
 
 
 def engine_for(module: nn.Module, distribution: str, threads: int) -> ZOEngine:
     """An engine drawing ``distribution`` (one of DISTRIBUTIONS) z on ``threads`` noise threads."""
     name, _, scheme = distribution.partition("-scheme")
     engine = ZOEngine(parameter_targets(module, lambda *_: True), threads, distribution=name)
-    assert engine.noise_scheme == 4
+    assert engine.noise_scheme == 5
     engine.noise_scheme = int(scheme or engine.noise_scheme)
     if threads > 1:
         engine.CHEAP_DRAW_THREADS = 0  # Cheap draws (Rademacher, scheme 3) over the noise threads too (default: one).
@@ -264,7 +265,8 @@ def test_row_paths_equal_per_block_reference(distribution, dtype, threads, spars
 # sha256 of z's bytes (``engine.noise``) for a tensor of 3 default blocks + 1000 entries, step seed 5, target 0. Scheme
 # 2: drawn by the engine of git 9f34871 (one op per block, before chunks); every committed scheme-2 run replays with
 # these z. Scheme 3: its Gaussian z as first drawn (git of this test's commit; the values also follow from
-# ``counter_noise.counter_normal_reference``, see tests/test_counter_noise.py); its Rademacher z is scheme 2's.
+# ``counter_noise.counter_normal_reference``, see tests/test_counter_noise.py); its Rademacher z is scheme 2's. Scheme 5:
+# likewise, 8-bit picks (first drawn by the commit that added it). Scheme 4 draws scheme 3's z on CPU.
 GOLDEN_Z = {
     (2, "gaussian", torch.float32): "1175d3399879347473bbec3d17830e2277a1967ecd8f561da127e7d19701498c",
     (2, "gaussian", torch.bfloat16): "5f0c94373ebce760fd69f11b944adbfb1c378a062aab24be98a449d7c34f832b",
@@ -275,6 +277,10 @@ GOLDEN_Z = {
     (3, "gaussian", torch.float16): "bcdbe257d6840e3c6da2a746d097b4e3891848a707e4298801fe7823531d58f4",
     (3, "rademacher", torch.float32): "2472d10ee024462f68568dabae85d936c3a6d9cb2b3fda4b90489b5628ebd21b",
     (3, "rademacher", torch.bfloat16): "ccb3ff03b174ad39ab52d855a4dbe03138f8bec3b88d8b0c71ab9164eac53b19",
+    (5, "gaussian", torch.float32): "216f8f08840418ff8d84f65fbdab2e8745cfe79253c10a4efaa9160543e7ca65",
+    (5, "gaussian", torch.bfloat16): "e73a920b03bd66116962f0fb484401b5eb801dba85f4f1d902a4fdbaa25a2acc",
+    (5, "gaussian", torch.float16): "1ac70770ee4daf13b1ea0052ea610fb4daeba6a9d8355fd1ae0605c1acd57f93",
+    (5, "rademacher", torch.float32): "2472d10ee024462f68568dabae85d936c3a6d9cb2b3fda4b90489b5628ebd21b",
 }
 
 

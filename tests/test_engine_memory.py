@@ -71,8 +71,11 @@ def reference_step(model, engine: ZOEngine, seed: int, eps: float, lr: float) ->
     return losses[0], losses[1]
 
 
-# Schemes 2-3 apply z block by block (here 256-entry blocks over 3 threads); scheme 1 (replay of old runs) whole.
-@pytest.mark.parametrize("scheme, block, threads", [(1, None, 1), (2, None, 1), (2, 256, 3), (3, None, 1), (3, 256, 3)])
+# Schemes 2-5 apply z block by block (here 256-entry blocks over 3 threads); scheme 1 (replay of old runs) whole.
+@pytest.mark.parametrize(
+    "scheme, block, threads",
+    [(1, None, 1), (2, None, 1), (2, 256, 3), (3, None, 1), (3, 256, 3), (5, None, 1), (5, 256, 3)],
+)
 @pytest.mark.parametrize("optim", ["mezo", "sparse_mezo"])
 @pytest.mark.parametrize("bias", [False, True])  # A bias is perturbed while its weight's copy is read: own buffer.
 def test_steps_equal_the_plain_tensor_ops_bit_for_bit(optim, scheme, block, threads, bias, monkeypatch):
@@ -100,7 +103,7 @@ def test_steps_equal_the_plain_tensor_ops_bit_for_bit(optim, scheme, block, thre
     assert changed  # The steps did train.
 
 
-@pytest.mark.parametrize("scheme", [1, 2, 3])
+@pytest.mark.parametrize("scheme", [1, 2, 3, 5])
 @pytest.mark.parametrize("optim", ["mezo", "sparse_mezo"])
 def test_a_step_allocates_nothing_tensor_sized_after_the_first(optim, scheme):
     # The matrices (128 x 64 and larger) dwarf one short row's activations, so any tensor-sized temporary shows.

@@ -1,8 +1,9 @@
-"""Gaussian z of z scheme 4 on CUDA: scheme 3's counter stream, drawn inside the kernels that apply it.
+"""Gaussian z of z schemes 4-5 on CUDA: the CPU's counter stream (scheme 3's, or 5's), drawn inside the kernels that
+apply it.
 
 Entry i of a tensor's z is a pure function of (the tensor's seed, i) (``zo_trainer.counter_noise``: SplitMix64's output
-function of ``key + (i // 4) * golden``, 16 bits of it picking one of 65,536 quantiles of N(0, 1)), so a CUDA tensor's
-z is the same table values as a CPU tensor's, bit for bit. With torch ops a CUDA step drew z with ``normal_`` into a
+function of ``key + (i // lanes) * golden``, 16 bits of it picking one of 65,536 quantiles of N(0, 1) under scheme 4,
+8 bits one of 256 under scheme 5), so a CUDA tensor's z is the same table values as a CPU tensor's, bit for bit. With torch ops a CUDA step drew z with ``normal_`` into a
 buffer and then read it back in a second op (three such passes per step, one more for Sparse-MeZO's mask): on a 7B
 model the draws cost more than the two forward passes. These Triton kernels compute z where it is used, so each pass
 reads the weights once and writes once: the perturbed copy ``w + eps * z (* mask)`` and the update
@@ -47,10 +48,10 @@ def supported(tensor: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _table(device: torch.device) -> torch.Tensor:
-    """Scheme 3's 65,536 z values in fp32 on ``device``: the kernels compute in fp32, and a bf16 / fp16 z written out
+def _table(device: torch.device, pick_bits: int) -> torch.Tensor:
+    """The stream's z values in fp32 on ``device``: the kernels compute in fp32, and a bf16 / fp16 z written out
     is this value rounded once, which is the CPU table's entry in that dtype."""
-    return counter_noise.normal_table(torch.float32).to(device)
+    return counter_noise.normal_table(torch.float32, pick_bits).to(device)
 
 
 @functools.cache
@@ -78,25 +79,40 @@ def _grid(numel: int) -> tuple[int]:
     return (-(-numel // BLOCK),)
 
 
-def fill_(out: torch.Tensor, key: int) -> torch.Tensor:
+def fill_(out: torch.Tensor, key: int, pick_bits: int = 16) -> torch.Tensor:
     """``out`` (``supported``) := entries 0 .. numel of the z stream of ``key``: ``counter_noise``'s bits."""
     if out.numel():
         fill, _, _ = _kernels()
-        fill[_grid(out.numel())](out, out.numel(), _signed64(key), _table(out.device), BLOCK=BLOCK)
+        table = _table(out.device, pick_bits)
+        fill[_grid(out.numel())](out, out.numel(), _signed64(key), table, BLOCK=BLOCK, PICK_BITS=pick_bits)
     return out
 
 
 def perturbed_copy(
-    weight: torch.Tensor, out: torch.Tensor, key: int, eps: float, threshold: float | None = None
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    key: int,
+    eps: float,
+    threshold: float | None = None,
+    pick_bits: int = 16,
 ) -> torch.Tensor:
     """``out := weight + eps * z (* (|weight| <= threshold))``, z of ``key``; one read of ``weight``, one write."""
     if weight.numel():
         _, perturb, _ = _kernels()
         masked = threshold is not None
         bound = _rounded(threshold, weight.dtype) if masked else 0.0
-        table = _table(weight.device)
+        table = _table(weight.device, pick_bits)
         perturb[_grid(weight.numel())](
-            weight, out, weight.numel(), _signed64(key), table, eps, bound, MASKED=masked, BLOCK=BLOCK
+            weight,
+            out,
+            weight.numel(),
+            _signed64(key),
+            table,
+            eps,
+            bound,
+            MASKED=masked,
+            BLOCK=BLOCK,
+            PICK_BITS=pick_bits,
         )
     return out
 
@@ -118,6 +134,7 @@ def update_(
     threshold: float | None = None,
     decay: float = 0.0,
     min_value: float | None = None,
+    pick_bits: int = 16,
 ) -> torch.Tensor | None:
     """``weight -= sum_k coefficients[k] * z(keys[k]) (* mask)``, then ``weight += decay * weight (* mask)`` and
     ``weight = max(weight, min_value)``, in place, one pass; the mask is taken from the values before the update.
@@ -137,7 +154,7 @@ def update_(
         numel,
         keys,
         coefficients,
-        _table(weight.device),
+        _table(weight.device, pick_bits),
         _rounded(threshold, weight.dtype) if masked else 0.0,
         decay,
         0.0 if min_value is None else min_value,
@@ -147,5 +164,6 @@ def update_(
         DECAY=bool(decay),
         CLAMP=min_value is not None,
         BLOCK=BLOCK,
+        PICK_BITS=pick_bits,
     )
     return counts.sum(dtype=torch.int64) if masked else None

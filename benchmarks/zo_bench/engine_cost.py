@@ -1,4 +1,4 @@
-"""``zo-bench engine``: the ZO engine's own work per step, z schemes 1, 2 and 3, with no model forward.
+"""``zo-bench engine``: the ZO engine's own work per step, z schemes 1, 2, 3 and 5, with no model forward.
 
 A step of the engine is what ``zo_step`` + ``ZOOptimizer.step()`` make it do besides the forwards: inside
 ``perturbed(seed, +eps)`` and ``perturbed(seed, -eps)`` every target's perturbed copy ``w +- eps z`` (built by the
@@ -14,7 +14,8 @@ norms), with thresholds at sparsity 0.8, as the methods choose them.
 Every configuration (method x scheme) runs once per round, in the same process, the order reversed every other
 round; round 0 is a warm-up (scratch buffers) and is discarded. Wall time and process CPU time (all threads) are
 recorded: the CPU may be shared, and CPU time is the less disturbed of the two. The figures are scheme 2 / scheme 1
-(blocks drawn where they are used vs whole tensors) and scheme 3 / scheme 2 (counter-based Gaussian z vs normal_).
+(blocks drawn where they are used vs whole tensors), scheme 3 / scheme 2 (counter-based Gaussian z vs normal_) and
+scheme 5 / scheme 3 (8-bit picks of 256 values vs 16-bit picks of 65,536).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ ENGINE_SHAPES: dict[str, dict[str, Any]] = {
 }
 DEFAULT_SHAPES = ("smollm2-135m", "llama-3.2-1b")
 METHODS = ("mezo", "sparse_mezo")
-SCHEMES = (1, 2, 3)  # The CPU z schemes: 4 draws as 3 on CPU (it differs on CUDA only).
+SCHEMES = (1, 2, 3, 5)  # The CPU z schemes: 4 draws as 3 on CPU (it differs on CUDA only).
 SPARSITY = 0.8
 EPS = 1e-3
 COEFFICIENT = 1e-9  # lr * projected gradient: small, so the thresholds' masks stay what they were.
@@ -217,6 +218,9 @@ def _shape_result(name, shape, model, engines, wall, cpu, perturbed_reads) -> di
         row["per_round_ratio_cpu"] = [b / a for a, b in zip(first["cpu_seconds_all"], second["cpu_seconds_all"])]
         row["ratio_3_over_2_wall"] = third["wall_seconds_median"] / second["wall_seconds_median"]
         row["ratio_3_over_2_cpu"] = third["cpu_seconds_median"] / second["cpu_seconds_median"]
+        fifth = row["scheme5"]
+        row["ratio_5_over_3_wall"] = fifth["wall_seconds_median"] / third["wall_seconds_median"]
+        row["ratio_5_over_3_cpu"] = fifth["cpu_seconds_median"] / third["cpu_seconds_median"]
         row["entries"] = engines[(method, SCHEMES[0])].total_numel
         row["tensors"] = len(engines[(method, SCHEMES[0])].targets)
         methods[method] = row
@@ -248,11 +252,13 @@ def run_engine_cost(out: Path, shapes: list[str], repeats: int, quick: bool) -> 
                 "1": "z of a tensor drawn whole into a tensor-sized buffer, then applied",
                 "2": f"z drawn in {ZOEngine.NOISE_BLOCK}-entry blocks right where it is used (cache-resident)",
                 "3": "as 2, Gaussian z from a counter-based stream (zo_trainer.counter_noise) instead of normal_",
+                "5": "as 3, the stream's 8-bit picks of 256 bf16-exact values (AVX-512 permutes) instead of 16-bit "
+                "picks of 65,536 (a table in memory)",
             },
             "repeats": repeats,
             "statistic": "median over rounds; each round runs every method x scheme once, order reversed every other "
             "round; round 0 (warm-up) discarded; ratio = scheme 2 median / scheme 1 median; ratio_3_over_2 = scheme 3 "
-            "median / scheme 2 median",
+            "median / scheme 2 median; ratio_5_over_3 likewise",
             "torch_num_threads": torch.get_num_threads(),
             "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
             "load_average_at_start": os.getloadavg(),
@@ -274,23 +280,28 @@ def run_engine_cost(out: Path, shapes: list[str], repeats: int, quick: bool) -> 
 
 
 def table(payload: dict[str, Any]) -> str:
-    """The results as a markdown table (median CPU seconds per engine step, scheme 2 / 1 and 3 / 2; wall in brackets).
-    Files written before scheme 3 have no scheme-3 column values ("-")."""
+    """The results as a markdown table (median CPU seconds per engine step, scheme 2 / 1, 3 / 2 and 5 / 3, CPU and
+    wall). Files written before scheme 3 or 5 have no values in their columns ("-")."""
     lines = [
-        "| shapes | method | entries | scheme 1 CPU s | scheme 2 CPU s | scheme 3 CPU s | 2 / 1 (CPU) | 3 / 2 (CPU) "
-        "| 2 / 1 (wall) | 3 / 2 (wall) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shapes | method | entries | scheme 1 CPU s | scheme 2 CPU s | scheme 3 CPU s | scheme 5 CPU s | 2 / 1 (CPU) "
+        "| 3 / 2 (CPU) | 5 / 3 (CPU) | 2 / 1 (wall) | 3 / 2 (wall) | 5 / 3 (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(row: dict[str, Any], key: str, bold: bool = False, digits: int = 2) -> str:
+        if key not in row:
+            return "-"
+        return f"**{row[key]:.{digits}f}**" if bold else f"{row[key]:.{digits}f}"
+
     for name, result in payload["shapes"].items():
         for method, row in result["methods"].items():
-            one, two, three = row["scheme1"], row["scheme2"], row.get("scheme3")
-            third = f"{three['cpu_seconds_median']:.3f}" if three else "-"
-            cpu32 = f"**{row['ratio_3_over_2_cpu']:.2f}**" if three else "-"
-            wall32 = f"{row['ratio_3_over_2_wall']:.2f}" if three else "-"
+            seconds = {k: v["cpu_seconds_median"] for k, v in row.items() if k.startswith("scheme")}
             lines.append(
-                f"| {name} | `{method}` | {row['entries'] / 1e6:.1f}M | {one['cpu_seconds_median']:.3f} | "
-                f"{two['cpu_seconds_median']:.3f} | {third} | **{row['ratio_cpu']:.2f}** | {cpu32} | "
-                f"{row['ratio_wall']:.2f} | {wall32} |"
+                f"| {name} | `{method}` | {row['entries'] / 1e6:.1f}M | "
+                + " | ".join(cell(seconds, f"scheme{s}", digits=3) for s in SCHEMES)
+                + f" | {cell(row, 'ratio_cpu', True)} | {cell(row, 'ratio_3_over_2_cpu', True)} | "
+                f"{cell(row, 'ratio_5_over_3_cpu', True)} | {cell(row, 'ratio_wall')} | "
+                f"{cell(row, 'ratio_3_over_2_wall')} | {cell(row, 'ratio_5_over_3_wall')} |"
             )
     return "\n".join(lines)
 

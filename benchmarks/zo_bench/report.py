@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .plots import fmt, plot_accuracy, plot_bars, plot_growth, plot_memory
@@ -75,7 +76,7 @@ def report(out: Path) -> str:
             "|---|---|---|---|---|",
         ]
         for k, v in speed["results"].items():
-            goal = "(baseline)" if k == "mezo_reference_inplace" or k.endswith("_scheme2") else "<= 1.15"
+            goal = "(baseline)" if k == "mezo_reference_inplace" or re.search(r"_scheme\d+$", k) else "<= 1.15"
             lines.append(
                 f"| {k} | {v['model']} | {v['ratio_step_over_two_forwards']:.3f} | {v['ratio_median_of_rounds']:.3f} | {goal} |"
             )
@@ -87,11 +88,14 @@ def report(out: Path) -> str:
                     f"\n{name} step with Rademacher z / with Gaussian z (`--zo_noise rademacher`, same rounds): "
                     f"{speed[f'rademacher_over_gaussian_{name}']:.3f}"
                 )
-            if f"scheme2_over_scheme3_{name}" in speed:  # Absent before z scheme 3.
-                lines.append(
-                    f"\n{name} step with z scheme 2's Gaussian (normal_) / with scheme 3's (counter-based), same "
-                    f"rounds: {speed[f'scheme2_over_scheme3_{name}']:.3f}"
-                )
+            for key, value in speed.items():  # scheme{before}_over_scheme{default}_{name}: absent before z scheme 3.
+                match = re.fullmatch(rf"scheme(\d+)_over_scheme(\d+)_{name}", key)
+                if match:
+                    before, after = match.groups()
+                    lines.append(
+                        f"\n{name} step with z scheme {before}'s Gaussian / with scheme {after}'s, same rounds: "
+                        f"{value:.3f}"
+                    )
         teams = speed.get("two_forwards_beside_idle_openmp_teams")  # Absent before f04e029's suite.
         if teams:
             lines.append(

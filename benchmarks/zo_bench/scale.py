@@ -938,10 +938,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--noise_scheme",
         type=int,
-        choices=[1, 2, 3, 4],
+        choices=[1, 2, 3, 4, 5],
         default=None,
-        help="draw z as this z scheme of the engine (default: as new runs do), e.g. 2 to time the engine before "
-        "scheme 3's Gaussian draw on CPU, 3 before scheme 4's on CUDA; a file holds one scheme (name it with --name)",
+        help="draw z as this z scheme of the engine (default: as new runs do), e.g. 4 to time the engine before "
+        "scheme 5's Gaussian draw on CPU, 3 before scheme 4's on CUDA; a file holds one scheme (name it with --name)",
     )
     return p
 

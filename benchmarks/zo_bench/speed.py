@@ -15,11 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from zo_trainer.engine import ZOEngine
+
 from .common import SCHEMA_VERSION, default_rte_dir, log_line, median, progress, timed, write_json
 from .environment import environment
 from .factories import bench_tokenizer, load_bench_model, rte_batch
 from .plots import plot_bars
 from .steppers import MeZOReferenceBaseline, ZOStepper, plain_forwards
+
+# The z scheme whose Gaussian draw the *_scheme rows time beside the default's: the before of the default on CPU.
+BEFORE_SCHEME = 4
 
 
 def forwards_beside_idle_openmp_teams(model, batch, threads: int = 2) -> float:
@@ -70,10 +75,14 @@ def run_speed(
             "fp32",
             ZOStepper(m, "sparse_mezo", zo_sparsity=0.8, zo_noise="rademacher").step,
         )
-        # Gaussian z drawn as z scheme 2 did (torch's normal_ per block; replay of scheme-2 runs): the before of
-        # scheme 3's counter-based Gaussian, in the same rounds.
-        configs["mezo_scheme2"] = ("fp32", ZOStepper(m, "mezo", noise_scheme=2).step)
-        configs["sparse_mezo_scheme2"] = ("fp32", ZOStepper(m, "sparse_mezo", noise_scheme=2, zo_sparsity=0.8).step)
+        # Gaussian z drawn as the previous z scheme did (on CPU scheme 4 draws scheme 3's 16-bit picks; replay of
+        # those runs): the before of the default scheme's draw, in the same rounds.
+        before = f"scheme{BEFORE_SCHEME}"
+        configs[f"mezo_{before}"] = ("fp32", ZOStepper(m, "mezo", noise_scheme=BEFORE_SCHEME).step)
+        configs[f"sparse_mezo_{before}"] = (
+            "fp32",
+            ZOStepper(m, "sparse_mezo", noise_scheme=BEFORE_SCHEME, zo_sparsity=0.8).step,
+        )
         configs["mezo_reference_inplace"] = ("fp32", MeZOReferenceBaseline(m).step)
     if "gptq" in models:
         configs["qzo_gptq"] = ("gptq", ZOStepper(models["gptq"], "qzo").step)
@@ -186,9 +195,10 @@ def _speed_payload(
             "step": "ZOEngine perturbed(+eps) forward, perturbed(-eps) forward, ZOOptimizer.accumulate + step "
             "(the calls ZOTrainer.training_step and HF's loop make)",
             "reference": "MeZO's zo_step/zo_update: 4 passes over weights, torch.manual_seed + torch.normal per parameter",
-            "noise": "z ~ N(0, 1) (the default; z scheme 3: 16-bit quantiles from a counter-based stream) except in "
-            "the *_rademacher rows: z entries +-1 (--zo_noise rademacher), and the *_scheme2 rows: N(0, 1) from "
-            "torch's normal_ per block (z scheme 2, how runs before it drew z)",
+            "noise": f"z ~ N(0, 1) (the default; z scheme {ZOEngine.NOISE_SCHEME}: 8-bit picks of 256 quantiles from a "
+            "counter-based stream) except in the *_rademacher rows: z entries +-1 (--zo_noise rademacher), and the "
+            f"*_scheme{BEFORE_SCHEME} rows: N(0, 1) as z scheme {BEFORE_SCHEME} drew it (16-bit picks of 65,536 "
+            "quantiles, how runs before the default drew z)",
             "statistic": "median step time / median floor time over the timed rounds; each round runs every floor and "
             "step once in a shuffled order; round 0 (warm-up) discarded",
             "param_counts": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
@@ -205,10 +215,10 @@ def _speed_payload(
             payload[f"rademacher_over_gaussian_{name}"] = (
                 results[f"{name}_rademacher"]["step_seconds_median"] / results[name]["step_seconds_median"]
             )
-    for name in ("mezo", "sparse_mezo"):  # Step time with scheme-2 Gaussian z / with scheme 3's, same rounds.
-        if f"{name}_scheme2" in results and name in results:
-            payload[f"scheme2_over_scheme3_{name}"] = (
-                results[f"{name}_scheme2"]["step_seconds_median"] / results[name]["step_seconds_median"]
+    for name in ("mezo", "sparse_mezo"):  # Step time with the previous scheme's z / with the default's, same rounds.
+        if f"{name}_scheme{BEFORE_SCHEME}" in results and name in results:
+            payload[f"scheme{BEFORE_SCHEME}_over_scheme{ZOEngine.NOISE_SCHEME}_{name}"] = (
+                results[f"{name}_scheme{BEFORE_SCHEME}"]["step_seconds_median"] / results[name]["step_seconds_median"]
             )
     return payload
 

@@ -18,28 +18,28 @@ static inline uint64_t mix(uint64_t key, uint64_t word) {
     return x ^ (x >> 31);
 }
 
-/* out[0 .. n) = entries start .. start + n of the stream of key. */
-#define FILL(NAME, T)                                                                      \
-    void NAME(T *out, const T *table, int64_t n, uint64_t key, int64_t start) {           \
-        int64_t i = 0;                                                                     \
-        for (; i < n && ((start + i) & 3); i++) { /* the rest of a word begun before */  \
-            uint64_t x = mix(key, (uint64_t)(start + i) >> 2);                             \
-            out[i] = table[(x >> (16 * ((start + i) & 3))) & 0xFFFF];                      \
-        }                                                                                  \
-        uint64_t first = (uint64_t)(start + i) >> 2;                                       \
-        int64_t words = (n - i) / 4;                                                       \
-        T *o = out + i;                                                                    \
-        for (int64_t j = 0; j < words; j++) {                                              \
-            uint64_t x = mix(key, first + (uint64_t)j);                                    \
-            o[4 * j] = table[x & 0xFFFF];                                                  \
-            o[4 * j + 1] = table[(x >> 16) & 0xFFFF];                                      \
-            o[4 * j + 2] = table[(x >> 32) & 0xFFFF];                                      \
-            o[4 * j + 3] = table[x >> 48];                                                 \
-        }                                                                                  \
-        for (i += 4 * words; i < n; i++) { /* the first entries of one more word */       \
-            uint64_t x = mix(key, (uint64_t)(start + i) >> 2);                             \
-            out[i] = table[(x >> (16 * ((start + i) & 3))) & 0xFFFF];                      \
-        }                                                                                  \
+/* out[0 .. n) = entries start .. start + n of the stream of key, BITS bits per pick (16: scheme 3, 8: scheme 5), so
+ * 64 / BITS entries per word. */
+#define FILL(NAME, T, BITS)                                                                        \
+    static void NAME(T *out, const T *table, int64_t n, uint64_t key, int64_t start) {            \
+        const int lanes = 64 / (BITS), shift = (BITS) == 16 ? 2 : 3;                               \
+        const uint64_t pick = (1ULL << (BITS)) - 1;                                                \
+        int64_t i = 0;                                                                             \
+        for (; i < n && ((start + i) & (lanes - 1)); i++) { /* the rest of a word begun before */ \
+            uint64_t x = mix(key, (uint64_t)(start + i) >> shift);                                 \
+            out[i] = table[(x >> ((BITS) * ((start + i) & (lanes - 1)))) & pick];                  \
+        }                                                                                          \
+        uint64_t first = (uint64_t)(start + i) >> shift;                                           \
+        int64_t words = (n - i) / lanes;                                                           \
+        T *o = out + i;                                                                            \
+        for (int64_t j = 0; j < words; j++) {                                                      \
+            uint64_t x = mix(key, first + (uint64_t)j);                                            \
+            for (int lane = 0; lane < lanes; lane++) o[lanes * j + lane] = table[(x >> ((BITS) * lane)) & pick]; \
+        }                                                                                          \
+        for (i += lanes * words; i < n; i++) { /* the first entries of one more word */           \
+            uint64_t x = mix(key, (uint64_t)(start + i) >> shift);                                 \
+            out[i] = table[(x >> ((BITS) * ((start + i) & (lanes - 1)))) & pick];                  \
+        }                                                                                          \
     }
 
 #if defined(_WIN32)
@@ -48,30 +48,12 @@ static inline uint64_t mix(uint64_t key, uint64_t word) {
 #define EXPORT __attribute__((visibility("default")))
 #endif
 
-/* Scheme 5, portable: out[0 .. n) = entries start .. start + n of the stream of key. */
-#define FILL8(NAME, T)                                                                     \
-    static void NAME(T *out, const T *table, int64_t n, uint64_t key, int64_t start) {    \
-        int64_t i = 0;                                                                     \
-        for (; i < n && ((start + i) & 7); i++) { /* the rest of a word begun before */  \
-            uint64_t x = mix(key, (uint64_t)(start + i) >> 3);                             \
-            out[i] = table[(x >> (8 * ((start + i) & 7))) & 0xFF];                         \
-        }                                                                                  \
-        uint64_t first = (uint64_t)(start + i) >> 3;                                       \
-        int64_t words = (n - i) / 8;                                                       \
-        T *o = out + i;                                                                    \
-        for (int64_t j = 0; j < words; j++) {                                              \
-            uint64_t x = mix(key, first + (uint64_t)j);                                    \
-            for (int lane = 0; lane < 8; lane++) o[8 * j + lane] = table[(x >> (8 * lane)) & 0xFF]; \
-        }                                                                                  \
-        for (i += 8 * words; i < n; i++) { /* the first entries of one more word */       \
-            uint64_t x = mix(key, (uint64_t)(start + i) >> 3);                             \
-            out[i] = table[(x >> (8 * ((start + i) & 7))) & 0xFF];                         \
-        }                                                                                  \
-    }
-
-FILL8(fill8_16, uint16_t)
-FILL8(fill8_32, uint32_t)
-FILL8(fill8_64, uint64_t)
+FILL(fill16_16, uint16_t, 16)
+FILL(fill16_32, uint32_t, 16)
+FILL(fill16_64, uint64_t, 16)
+FILL(fill8_16, uint16_t, 8)
+FILL(fill8_32, uint32_t, 8)
+FILL(fill8_64, uint64_t, 8)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -145,9 +127,16 @@ static int simd_usable(void) { return 0; }
         PORTABLE(out + done, table, n - done, key, start + done);                                               \
     }
 
-EXPORT FILL(zo_counter_fill_16, uint16_t)
-EXPORT FILL(zo_counter_fill_32, uint32_t)
-EXPORT FILL(zo_counter_fill_64, uint64_t)
+/* Scheme 3's fills. */
+EXPORT void zo_counter_fill_16(uint16_t *out, const uint16_t *table, int64_t n, uint64_t key, int64_t start) {
+    fill16_16(out, table, n, key, start);
+}
+EXPORT void zo_counter_fill_32(uint32_t *out, const uint32_t *table, int64_t n, uint64_t key, int64_t start) {
+    fill16_32(out, table, n, key, start);
+}
+EXPORT void zo_counter_fill_64(uint64_t *out, const uint64_t *table, int64_t n, uint64_t key, int64_t start) {
+    fill16_64(out, table, n, key, start);
+}
 
 #if SIMD_BUILT
 FILL8_ENTRY(zo_counter8_fill_16, uint16_t, fill8_16, fill8_simd_16)

@@ -96,8 +96,10 @@ def test_zo_signal_fp32_path(qmodel, batch, tmp_path):
     the projected gradient of one seed agrees at eps=1e-3 and 1e-4 on a fixed batch.
 
     Measured on SmolLM2 (4 seeds, this batch): relative difference 0.07-15% (the larger values where |d| is
-    small: the O(eps^2) truncation term), GPTQ |d| 2..50, NF4 |d| 0.03..3.6. bf16 paths miss by 100%+ (e.g.
-    -40.8 vs -1.4, notes/int4-on-cpu.md), so 20% keeps the test sharp without depending on the seed."""
+    small), GPTQ |d| 2..50, NF4 |d| 0.03..3.6. bf16 paths miss by 100%+ (e.g. -40.8 vs -1.4,
+    notes/int4-on-cpu.md), so 20% keeps the test sharp. GPTQ's d at eps 1e-4 carries ~±1 of fp32 loss noise
+    (loss differences of ~1e-4 over 2 eps): a seed whose |d| is a few units fails 20% by chance (z scheme 5,
+    seed index 1: -1.24 / -2.75), so the seed is one with a large |d|."""
     from zo_trainer.engine import ZOEngine, perturbation_seed, projected_gradient
     from zo_trainer.methods import QZO
     from zo_trainer.training_args import ZOTrainingArguments
@@ -106,7 +108,9 @@ def test_zo_signal_fp32_path(qmodel, batch, tmp_path):
     model.eval()
     engine = ZOEngine(QZO(ZOTrainingArguments(output_dir=str(tmp_path), optim="qzo", report_to="none")).targets(model))
     assert len(engine.targets) == 30 * 7
-    seed = perturbation_seed(0, 1)  # measured: GPTQ d = 29.86 / 29.88, NF4 d = 3.642 / 3.645 (eps 1e-3 / 1e-4)
+    # z scheme 5, measured: GPTQ d = 29.49 / 29.28, NF4 d = 2.566 / 2.558 (eps 1e-3 / 1e-4). A new z scheme draws
+    # other z: re-measure, and keep a seed with |d| well above the noise.
+    seed = perturbation_seed(0, 0)
     try:
         l0 = _loss(model, batch)
 

@@ -15,8 +15,8 @@ z is never stored: it is drawn again from its seed for each use (+eps pass, -eps
 classic direction: also E[z z^T] = I). On CPU (z schemes 2-3) it is drawn in blocks, a cache-sized chunk of
 consecutive blocks at a time, each chunk used at once, so z costs one write of the perturbed copy per pass rather than
 a write and a re-read of a z buffer; the sparse mask is likewise built chunk by chunk, in the tensor's dtype. Gaussian
-z of schemes 3-5 is a counter-based stream (``zo_trainer.counter_noise``), 5x (scheme 5: 15x) cheaper than torch's
-``normal_`` that scheme 2 seeded per block. How blocks are grouped into chunks and threads changes no bit. Schemes 4-5
+z of schemes 3-5 is a counter-based stream (``zo_trainer.counter_noise``), 5x (scheme 5: over 10x) cheaper than
+torch's ``normal_`` that scheme 2 seeded per block. How blocks are grouped into chunks and threads changes no bit. Schemes 4-5
 draw the same stream on CUDA inside Triton kernels that apply it (``zo_trainer.triton_noise``): one read and one write
 of a tensor per pass.
 """
@@ -275,13 +275,13 @@ class ZOEngine:
         return self.NOISE_CHUNKS
 
     # How z is drawn. 1: one stream per tensor (NOISE_CHUNKS streams for a large CPU tensor), drawn whole into a
-    # tensor-sized buffer before it is applied. 2 (new runs): on CPU, z of a tensor is NOISE_BLOCK-entry blocks with a
+    # tensor-sized buffer before it is applied. 2 (replaced by 3): on CPU, z of a tensor is NOISE_BLOCK-entry blocks with a
     # stream each, drawn right where it is used (perturbed copy, update) a chunk of blocks at a time, while in cache;
     # the chunks are split over the noise threads, so z does not depend on the thread count. Elsewhere (CUDA,
     # non-contiguous tensors) both schemes draw one stream per tensor. Trajectories record the scheme (absent: 1).
-    # 3 (new runs): as 2, but Gaussian z of a CPU block comes from a counter-based stream of the tensor's seed
+    # 3 (sessions 8-9): as 2, but Gaussian z of a CPU block comes from a counter-based stream of the tensor's seed
     # (``zo_trainer.counter_noise``: 16-bit quantiles of N(0, 1), ~0.5 ns per entry against normal_'s 2.4); Rademacher
-    # z, and z off the blocked path, are drawn as in scheme 2. 4 (new runs): as 3, and Gaussian z of a contiguous CUDA
+    # z, and z off the blocked path, are drawn as in scheme 2. 4 (session 10): as 3, and Gaussian z of a contiguous CUDA
     # tensor is scheme 3's stream too (the same bits as on CPU), drawn inside Triton kernels that apply it
     # (``zo_trainer.triton_noise``); under 1-3 it is one ``normal_`` stream per tensor. 5 (new runs): as 4 with the
     # stream's cheaper form: 8-bit picks of 256 bf16-exact quantiles, 8 entries per word (~0.2 ns per entry on CPU

@@ -3,10 +3,10 @@ apply it.
 
 Entry i of a tensor's z is a pure function of (the tensor's seed, i) (``zo_trainer.counter_noise``: SplitMix64's output
 function of ``key + (i // lanes) * golden``, 16 bits of it picking one of 65,536 quantiles of N(0, 1) under scheme 4,
-8 bits one of 256 under scheme 5), so a CUDA tensor's z is the same table values as a CPU tensor's, bit for bit. With torch ops a CUDA step drew z with ``normal_`` into a
-buffer and then read it back in a second op (three such passes per step, one more for Sparse-MeZO's mask): on a 7B
-model the draws cost more than the two forward passes. These Triton kernels compute z where it is used, so each pass
-reads the weights once and writes once: the perturbed copy ``w + eps * z (* mask)`` and the update
+8 bits one of 256 under scheme 5), so a CUDA tensor's z is the same table values as a CPU tensor's, bit for bit. With
+torch ops a CUDA step drew z with ``normal_`` into a buffer and then read it back in a second op (three such passes
+per step, one more for Sparse-MeZO's mask): on a 7B model the draws cost more than the two forward passes. These
+Triton kernels compute z where it is used, so each pass reads the weights once and writes once: the perturbed copy ``w + eps * z (* mask)`` and the update
 ``w -= sum_k c_k z_k (* mask)`` (decay and clamp folded in), in fp32 arithmetic, one rounding to the tensor's dtype.
 Measured on an H200 over a 7B model's fp16 matrices (README): masked passes (Sparse-MeZO) 1.3x (copy) and 2.2x (update)
 faster than the torch ops; dense passes about as fast (~1 TB/s either way: integer mixing and table gathers bound them).
@@ -139,7 +139,8 @@ def update_(
     """``weight -= sum_k coefficients[k] * z(keys[k]) (* mask)``, then ``weight += decay * weight (* mask)`` and
     ``weight = max(weight, min_value)``, in place, one pass; the mask is taken from the values before the update.
     ``keys`` (int64) and ``coefficients`` (float64) are on the weight's device (``update_arguments``). Returns the
-    number of entries that took part (a tensor: no host sync) when ``threshold`` is given."""
+    number of entries that took part (a tensor: no host sync) when ``threshold`` is given. ``pick_bits``: the z
+    stream's (``counter_noise``: 16 under scheme 4, 8 under 5), as in ``fill_`` and ``perturbed_copy``."""
     numel = weight.numel()
     masked = threshold is not None
     if not numel:

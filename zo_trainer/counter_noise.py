@@ -117,9 +117,13 @@ def counter_normal_reference(
     return _table(dtype, pick_bits)[picks]
 
 
+@functools.cache
 def simd_fill() -> bool:
     """Whether scheme 5's AVX-512 fill is built and runs on this CPU."""
-    return _simd_usable()
+    if _fills() is None:
+        return False
+    extension = importlib.import_module("zo_trainer._counter_noise")
+    return bool(ctypes.CDLL(extension.__file__).zo_counter8_simd())
 
 
 def _signed(value: int) -> int:
@@ -155,11 +159,3 @@ def _fills() -> dict[tuple[int, torch.dtype], Callable[..., None]] | None:
         fill.argtypes, fill.restype = pointers + [ctypes.c_void_p] + position + [ctypes.c_int], None
         fills[8, dtype] = fill
     return fills
-
-
-@functools.cache
-def _simd_usable() -> bool:
-    if _fills() is None:
-        return False
-    extension = importlib.import_module("zo_trainer._counter_noise")
-    return bool(ctypes.CDLL(extension.__file__).zo_counter8_simd())

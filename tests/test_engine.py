@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from conftest import make_tiny_llama
-from zo_trainer.engine import ZOEngine, parameter_targets, perturbation_seed, projected_gradient
+from zo_trainer.engine import ZOEngine, kth_smallest, parameter_targets, perturbation_seed, projected_gradient
 from zo_trainer.methods import MeZO, SparseMeZO
 from zo_trainer.training_args import ZOTrainingArguments
 
@@ -152,6 +152,35 @@ def test_thresholds_match_quantile():
         assert target.threshold == magnitudes[k - 1].item()
     with pytest.raises(ValueError, match="zo_sparsity"):
         engine.set_thresholds(1.0)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def kth_cases():
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(100_003, generator=generator).mul_(0.02)
+    yield "bf16 weights (many ties)", weights.to(torch.bfloat16).abs().float()
+    yield "fp16 weights with subnormals", torch.cat([weights, weights * 1e-4]).to(torch.float16).abs().float()
+    yield "fp32 with zeros", torch.cat([weights.abs(), torch.zeros(5000)])
+    yield "wide range", torch.logspace(-40, 38, 4097).flip(0)
+    yield "one value repeated", torch.full((300,), 0.25)
+    # Bit patterns 0 .. 3 * 2^16: the smallest subnormals, spanning the first three high-bit buckets.
+    yield (
+        "subnormals",
+        torch.arange(0, 3 << 16, 7, dtype=torch.int32)[torch.randperm(28087, generator=generator)].view(torch.float32),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kth_smallest_is_kthvalue(device):
+    for name, values in kth_cases():
+        n = values.numel()
+        for k in sorted({1, 2, n // 5, n // 2, math.ceil(0.2 * n), n - 1, n}):
+            expected = float(values.kthvalue(k).values)
+            assert kth_smallest(values.to(device), k) == expected, (name, k)
+    with pytest.raises(ValueError, match="k must be"):
+        kth_smallest(torch.ones(4), 5)
 
 
 class Quadratic(nn.Module):

@@ -85,12 +85,22 @@ def fill(out, numel, key, table, BLOCK: tl.constexpr, PICK_BITS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["key", "eps", "threshold"])
 def perturb(
-    weight, out, numel, key, table, eps, threshold, MASKED: tl.constexpr, BLOCK: tl.constexpr, PICK_BITS: tl.constexpr
+    weight,
+    out,
+    numel,
+    key,
+    table,
+    eps,
+    threshold,
+    MASKED: tl.constexpr,
+    PER_WORD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PICK_BITS: tl.constexpr,
 ):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = index < numel
     w = tl.load(weight + index, mask=inside, other=0.0).to(tl.float32)
-    step = eps * z_block(key, tl.program_id(0), table, BLOCK, MASKED, PICK_BITS)
+    step = eps * z_block(key, tl.program_id(0), table, BLOCK, PER_WORD, PICK_BITS)
     if MASKED:
         step = tl.where(tl.abs(w) <= threshold, step, 0.0)
     tl.store(out + index, rounded(w + step, out.dtype.element_ty), mask=inside)
@@ -109,6 +119,7 @@ def update(
     counts,
     NUM_KEYS: tl.constexpr,
     MASKED: tl.constexpr,
+    PER_WORD: tl.constexpr,
     DECAY: tl.constexpr,
     CLAMP: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -121,7 +132,7 @@ def update(
     change = w * 0.0
     for k in tl.static_range(NUM_KEYS):
         change += tl.load(coefficients + k).to(tl.float32) * z_block(
-            tl.load(keys + k), program, table, BLOCK, MASKED, PICK_BITS
+            tl.load(keys + k), program, table, BLOCK, PER_WORD, PICK_BITS
         )
     if MASKED:  # From the values before this update, as in the forward passes.
         taking_part = (tl.abs(w) <= threshold) & inside

@@ -921,7 +921,7 @@ class ZOEngine:
     def set_thresholds(self, sparsity: float, select: Callable[[ZOTarget], bool] = lambda t: True) -> None:
         """Per-target threshold = the (1 - sparsity) quantile of |t|, from the current values.
 
-        ``kthvalue`` selects in linear time on a copy of one tensor: no sorted copy of a large layer.
+        The quantile is an exact k-th smallest (``kth_smallest``: two counting passes over the float bits, no sort).
 
         A target whose |t| is constant (LoRA's zero-initialised ``lora_B``) or whose quantile is 0 gets no
         threshold and is trained densely: the magnitude rule cannot rank entries that all tie, and the mask
@@ -938,7 +938,7 @@ class ZOEngine:
                 continue
             magnitude = target.get().detach().abs().flatten().float()
             k = max(1, math.ceil((1.0 - sparsity) * magnitude.numel()))
-            threshold = float(magnitude.kthvalue(k).values)
+            threshold = kth_smallest(magnitude, k)
             target.threshold = None if threshold == 0.0 or _all_equal(magnitude) else threshold
         self.thresholds_fixed = True
 
@@ -965,6 +965,25 @@ def _one_intra_op_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> float:
+    """The k-th smallest (1-based) entry of a 1-D float32 tensor of non-negative finite values, exactly ``kthvalue``'s.
+
+    Such floats order as their bit patterns do, so two counting passes find it: a histogram of the high 16 bits picks
+    the bucket holding rank k, one of the low 16 bits of that bucket's entries the value. On CUDA ``kthvalue`` of a
+    1-D tensor runs in one thread block: 47 s for the thresholds of a 7B model on an H100. On CPU this measured
+    3-4x faster than ``kthvalue`` (28M entries: 0.14 s against 0.58 s)."""
+    if not 1 <= k <= values.numel():
+        raise ValueError(f"k must be in [1, {values.numel()}], got {k}.")
+    bits = values.view(torch.int32)
+    high = bits >> 16
+    below = torch.bincount(high, minlength=1 << 15).cumsum(0)  # below[b]: entries whose high bits are <= b
+    bucket = int(torch.searchsorted(below, k))
+    rank = k - (int(below[bucket - 1]) if bucket else 0)
+    low_below = torch.bincount(bits[high == bucket] & 0xFFFF, minlength=1 << 16).cumsum(0)
+    low = int(torch.searchsorted(low_below, rank))
+    return float(torch.tensor((bucket << 16) | low, dtype=torch.int32).view(torch.float32))
 
 
 def _all_equal(flat: torch.Tensor) -> bool:

@@ -75,6 +75,12 @@ def _kernels():
     return _triton_kernels.fill, _triton_kernels.perturb, _triton_kernels.update
 
 
+def per_word(masked: bool, pick_bits: int) -> bool:
+    """Whether a pass mixes each word once and interleaves its entries (True) or lets each entry mix its own word:
+    the same bits, whichever measured faster (``zo-bench cuda-passes``)."""
+    return masked or pick_bits == 8
+
+
 def _grid(numel: int) -> tuple[int]:
     return (-(-numel // BLOCK),)
 
@@ -95,8 +101,10 @@ def perturbed_copy(
     eps: float,
     threshold: float | None = None,
     pick_bits: int = 16,
+    word_at_once: bool | None = None,
 ) -> torch.Tensor:
-    """``out := weight + eps * z (* (|weight| <= threshold))``, z of ``key``; one read of ``weight``, one write."""
+    """``out := weight + eps * z (* (|weight| <= threshold))``, z of ``key``; one read of ``weight``, one write.
+    ``word_at_once``: ``per_word``'s choice unless given (the benchmark times both)."""
     if weight.numel():
         _, perturb, _ = _kernels()
         masked = threshold is not None
@@ -111,6 +119,7 @@ def perturbed_copy(
             eps,
             bound,
             MASKED=masked,
+            PER_WORD=per_word(masked, pick_bits) if word_at_once is None else word_at_once,
             BLOCK=BLOCK,
             PICK_BITS=pick_bits,
         )
@@ -135,12 +144,14 @@ def update_(
     decay: float = 0.0,
     min_value: float | None = None,
     pick_bits: int = 16,
+    word_at_once: bool | None = None,
 ) -> torch.Tensor | None:
     """``weight -= sum_k coefficients[k] * z(keys[k]) (* mask)``, then ``weight += decay * weight (* mask)`` and
     ``weight = max(weight, min_value)``, in place, one pass; the mask is taken from the values before the update.
     ``keys`` (int64) and ``coefficients`` (float64) are on the weight's device (``update_arguments``). Returns the
     number of entries that took part (a tensor: no host sync) when ``threshold`` is given. ``pick_bits``: the z
-    stream's (``counter_noise``: 16 under scheme 4, 8 under 5), as in ``fill_`` and ``perturbed_copy``."""
+    stream's (``counter_noise``: 16 under scheme 4, 8 under 5), as in ``fill_`` and ``perturbed_copy``; ``word_at_once``
+    as there."""
     numel = weight.numel()
     masked = threshold is not None
     if not numel:
@@ -162,6 +173,7 @@ def update_(
         counts,
         NUM_KEYS=keys.numel(),
         MASKED=masked,
+        PER_WORD=per_word(masked, pick_bits) if word_at_once is None else word_at_once,
         DECAY=bool(decay),
         CLAMP=min_value is not None,
         BLOCK=BLOCK,

@@ -48,19 +48,17 @@ def test_fill_gives_the_counter_streams_bits(dtype, pick_bits):
             assert torch.equal(bits(out), bits(expected)), (key, numel)
 
 
-@pytest.mark.parametrize("word_at_once", [False, True])
 @pytest.mark.parametrize("pick_bits", counter_noise.PICK_BITS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threshold", [None, 0.6])
-def test_perturbed_copy_is_weight_plus_eps_z_in_one_rounding(dtype, threshold, pick_bits, word_at_once):
+def test_perturbed_copy_is_weight_plus_eps_z_in_one_rounding(dtype, threshold, pick_bits):
     """``w + eps * z (* (|w| <= threshold))`` computed in fp32 and rounded once; the weight is left untouched. The
-    mask compares |w| with the threshold rounded to the tensor's dtype. Both ways of drawing z (each entry mixing its
-    word, or each word mixed once) give these bits."""
+    mask compares |w| with the threshold rounded to the tensor's dtype."""
     numel, key, eps = 2 * triton_noise.BLOCK + 11, 99, 0.25
     weight = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(dtype)
     before = weight.clone()
     out = triton_noise.perturbed_copy(
-        weight.to(DEVICE), torch.empty(numel, dtype=dtype, device=DEVICE), key, eps, threshold, pick_bits, word_at_once
+        weight.to(DEVICE), torch.empty(numel, dtype=dtype, device=DEVICE), key, eps, threshold, pick_bits
     )
     z = counter_noise.counter_normal_reference(numel, key, 0, torch.float32, pick_bits)
     step = eps * z
@@ -75,10 +73,9 @@ def test_perturbed_copy_is_weight_plus_eps_z_in_one_rounding(dtype, threshold, p
     torch.testing.assert_close(out.cpu(), expected, **tolerance)
 
 
-@pytest.mark.parametrize("word_at_once", [False, True])
 @pytest.mark.parametrize("pick_bits", counter_noise.PICK_BITS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_update_applies_every_key_under_the_mask_of_the_old_values(dtype, pick_bits, word_at_once):
+def test_update_applies_every_key_under_the_mask_of_the_old_values(dtype, pick_bits):
     """``w -= sum_k c_k z_k`` where |w| <= threshold before the update (keys with a zero coefficient change nothing),
     then decoupled decay on those entries and the clamp; the count of entries taking part comes back as a tensor."""
     numel, keys, coefficients, threshold = 3 * triton_noise.BLOCK - 5, [7, 8, 9], [0.5, -0.25, 0.0], 0.8
@@ -86,14 +83,7 @@ def test_update_applies_every_key_under_the_mask_of_the_old_values(dtype, pick_b
     work = weight.to(DEVICE, copy=True)
     arguments = triton_noise.update_arguments([keys], coefficients, work.device)
     count = triton_noise.update_(
-        work,
-        arguments[0][0],
-        arguments[1],
-        threshold,
-        decay=-0.01,
-        min_value=-1.5,
-        pick_bits=pick_bits,
-        word_at_once=word_at_once,
+        work, arguments[0][0], arguments[1], threshold, decay=-0.01, min_value=-1.5, pick_bits=pick_bits
     )
     mask = weight.float().abs() <= float(torch.tensor(threshold).to(dtype))
     change = sum(
@@ -109,10 +99,7 @@ def test_update_applies_every_key_under_the_mask_of_the_old_values(dtype, pick_b
     torch.testing.assert_close(work.cpu(), expected, **tolerance)
     dense = weight.to(DEVICE, copy=True)
     first_key, first_coefficient = triton_noise.update_arguments([keys[:1]], coefficients[:1], dense.device)
-    assert (
-        triton_noise.update_(dense, first_key[0], first_coefficient, pick_bits=pick_bits, word_at_once=word_at_once)
-        is None
-    )
+    assert triton_noise.update_(dense, first_key[0], first_coefficient, pick_bits=pick_bits) is None
     z = counter_noise.counter_normal_reference(numel, 7, pick_bits=pick_bits)
     torch.testing.assert_close(dense.cpu().float(), (weight.float() - 0.5 * z).to(dtype).float())
 

@@ -20,37 +20,13 @@ def mixed(key, word):
 
 
 @triton.jit
-def z_block(key, program, table, BLOCK: tl.constexpr, PER_WORD: tl.constexpr, PICK_BITS: tl.constexpr):
+def z_block(key, program, table, BLOCK: tl.constexpr, PICK_BITS: tl.constexpr):
     """z of the BLOCK entries from ``program * BLOCK`` of the stream of ``key``, in fp32: entry i is the table entry
     picked by PICK_BITS bits (i % lanes) of word i // lanes (lanes = 64 // PICK_BITS: 4 under scheme 4, 8 under 5).
-    Two ways to the same bits, each where it measured faster (H200, a 7B model's matrices in fp16, 16-bit picks): each
-    entry mixing its word itself (lanes x the integer work, no data movement; dense passes 25 ms against 36 ms), or each
-    word mixed once and its entries interleaved by join / reshape (a shuffle through shared memory; masked passes 36 ms,
-    where mixing per entry was not measured)."""
+    Each entry mixes its word itself (lanes x the integer work, no data movement): on an H200 over a 7B model's fp16
+    matrices this measured faster than mixing each word once and interleaving its entries by join / reshape (a
+    shuffle through shared memory) in every pass but scheme 5's perturbed copy, where the two were within 7%."""
     PICK: tl.constexpr = (1 << PICK_BITS) - 1
-    if PER_WORD:
-        if PICK_BITS == 16:
-            x = mixed(key, program.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
-            z0 = tl.load(table + (x & PICK).to(tl.int32))
-            z1 = tl.load(table + ((x >> 16) & PICK).to(tl.int32))
-            z2 = tl.load(table + ((x >> 32) & PICK).to(tl.int32))
-            z3 = tl.load(table + (x >> 48).to(tl.int32))
-            # join adds a last axis: [w, a, b] is (z0, z2)[a] for b = 0, (z1, z3)[a] for b = 1: entry 4w + 2a + b is
-            # lane 2a + b.
-            return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
-        x = mixed(key, program.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8))
-        z0 = tl.load(table + (x & PICK).to(tl.int32))
-        z1 = tl.load(table + ((x >> 8) & PICK).to(tl.int32))
-        z2 = tl.load(table + ((x >> 16) & PICK).to(tl.int32))
-        z3 = tl.load(table + ((x >> 24) & PICK).to(tl.int32))
-        z4 = tl.load(table + ((x >> 32) & PICK).to(tl.int32))
-        z5 = tl.load(table + ((x >> 40) & PICK).to(tl.int32))
-        z6 = tl.load(table + ((x >> 48) & PICK).to(tl.int32))
-        z7 = tl.load(table + (x >> 56).to(tl.int32))
-        # [w, a, b, c] with c innermost: entry 8w + 4a + 2b + c is lane 4a + 2b + c.
-        even = tl.join(tl.join(z0, z4), tl.join(z2, z6))
-        odd = tl.join(tl.join(z1, z5), tl.join(z3, z7))
-        return tl.reshape(tl.join(even, odd), [BLOCK])
     LANE_BITS: tl.constexpr = 2 if PICK_BITS == 16 else 3
     index = program.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     lane = (index & ((1 << LANE_BITS) - 1)) * PICK_BITS
@@ -79,7 +55,7 @@ def rounded(x, dtype: tl.constexpr):
 @triton.jit(do_not_specialize=["key"])
 def fill(out, numel, key, table, BLOCK: tl.constexpr, PICK_BITS: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    z = z_block(key, tl.program_id(0), table, BLOCK, False, PICK_BITS)
+    z = z_block(key, tl.program_id(0), table, BLOCK, PICK_BITS)
     tl.store(out + index, rounded(z, out.dtype.element_ty), mask=index < numel)
 
 
@@ -93,14 +69,13 @@ def perturb(
     eps,
     threshold,
     MASKED: tl.constexpr,
-    PER_WORD: tl.constexpr,
     BLOCK: tl.constexpr,
     PICK_BITS: tl.constexpr,
 ):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = index < numel
     w = tl.load(weight + index, mask=inside, other=0.0).to(tl.float32)
-    step = eps * z_block(key, tl.program_id(0), table, BLOCK, PER_WORD, PICK_BITS)
+    step = eps * z_block(key, tl.program_id(0), table, BLOCK, PICK_BITS)
     if MASKED:
         step = tl.where(tl.abs(w) <= threshold, step, 0.0)
     tl.store(out + index, rounded(w + step, out.dtype.element_ty), mask=inside)
@@ -119,7 +94,6 @@ def update(
     counts,
     NUM_KEYS: tl.constexpr,
     MASKED: tl.constexpr,
-    PER_WORD: tl.constexpr,
     DECAY: tl.constexpr,
     CLAMP: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -132,7 +106,7 @@ def update(
     change = w * 0.0
     for k in tl.static_range(NUM_KEYS):
         change += tl.load(coefficients + k).to(tl.float32) * z_block(
-            tl.load(keys + k), program, table, BLOCK, PER_WORD, PICK_BITS
+            tl.load(keys + k), program, table, BLOCK, PICK_BITS
         )
     if MASKED:  # From the values before this update, as in the forward passes.
         taking_part = (tl.abs(w) <= threshold) & inside

@@ -6,10 +6,12 @@ function of ``key + (i // lanes) * golden``, 16 bits of it picking one of 65,536
 8 bits one of 256 under scheme 5), so a CUDA tensor's z is the same table values as a CPU tensor's, bit for bit. With
 torch ops a CUDA step drew z with ``normal_`` into a buffer and then read it back in a second op (three such passes
 per step, one more for Sparse-MeZO's mask): on a 7B model the draws cost more than the two forward passes. These
-Triton kernels compute z where it is used, so each pass reads the weights once and writes once: the perturbed copy ``w + eps * z (* mask)`` and the update
-``w -= sum_k c_k z_k (* mask)`` (decay and clamp folded in), in fp32 arithmetic, one rounding to the tensor's dtype.
-Measured on an H200 over a 7B model's fp16 matrices (README): masked passes (Sparse-MeZO) 1.3x (copy) and 2.2x (update)
-faster than the torch ops; dense passes about as fast (~1 TB/s either way: integer mixing and table gathers bound them).
+Triton kernels compute z where it is used, so each pass reads the weights once and writes once: the perturbed copy
+``w + eps * z (* mask)`` and the update ``w -= sum_k c_k z_k (* mask)`` (decay and clamp folded in), in fp32
+arithmetic, one rounding to the tensor's dtype.
+Measured on an H200 over a 7B model's fp16 matrices (README): under scheme 5 a perturbed copy takes 7.9 ms (dense) /
+8.3 ms (masked) against 25 / 48 ms by torch ops, an update 8.9 / 14.0 against 26 / 90 ms (scheme 4's 16-bit picks:
+25-27 ms each, as they mix one word per four entries where scheme 5 mixes one per eight).
 
 Under ``TRITON_INTERPRET=1`` Triton runs the same kernels on CPU tensors (numpy): how the tests check the bits where no
 GPU is present. Triton ships with PyTorch's CUDA wheels; where it is missing, CUDA runs keep z scheme 3 (torch ops).
@@ -75,12 +77,6 @@ def _kernels():
     return _triton_kernels.fill, _triton_kernels.perturb, _triton_kernels.update
 
 
-def per_word(masked: bool, pick_bits: int) -> bool:
-    """Whether a pass mixes each word once and interleaves its entries (True) or lets each entry mix its own word:
-    the same bits, whichever measured faster (``zo-bench cuda-passes``)."""
-    return masked or pick_bits == 8
-
-
 def _grid(numel: int) -> tuple[int]:
     return (-(-numel // BLOCK),)
 
@@ -101,10 +97,8 @@ def perturbed_copy(
     eps: float,
     threshold: float | None = None,
     pick_bits: int = 16,
-    word_at_once: bool | None = None,
 ) -> torch.Tensor:
-    """``out := weight + eps * z (* (|weight| <= threshold))``, z of ``key``; one read of ``weight``, one write.
-    ``word_at_once``: ``per_word``'s choice unless given (the benchmark times both)."""
+    """``out := weight + eps * z (* (|weight| <= threshold))``, z of ``key``; one read of ``weight``, one write."""
     if weight.numel():
         _, perturb, _ = _kernels()
         masked = threshold is not None
@@ -119,7 +113,6 @@ def perturbed_copy(
             eps,
             bound,
             MASKED=masked,
-            PER_WORD=per_word(masked, pick_bits) if word_at_once is None else word_at_once,
             BLOCK=BLOCK,
             PICK_BITS=pick_bits,
         )
@@ -144,14 +137,12 @@ def update_(
     decay: float = 0.0,
     min_value: float | None = None,
     pick_bits: int = 16,
-    word_at_once: bool | None = None,
 ) -> torch.Tensor | None:
     """``weight -= sum_k coefficients[k] * z(keys[k]) (* mask)``, then ``weight += decay * weight (* mask)`` and
     ``weight = max(weight, min_value)``, in place, one pass; the mask is taken from the values before the update.
     ``keys`` (int64) and ``coefficients`` (float64) are on the weight's device (``update_arguments``). Returns the
     number of entries that took part (a tensor: no host sync) when ``threshold`` is given. ``pick_bits``: the z
-    stream's (``counter_noise``: 16 under scheme 4, 8 under 5), as in ``fill_`` and ``perturbed_copy``; ``word_at_once``
-    as there."""
+    stream's (``counter_noise``: 16 under scheme 4, 8 under 5), as in ``fill_`` and ``perturbed_copy``."""
     numel = weight.numel()
     masked = threshold is not None
     if not numel:
@@ -173,7 +164,6 @@ def update_(
         counts,
         NUM_KEYS=keys.numel(),
         MASKED=masked,
-        PER_WORD=per_word(masked, pick_bits) if word_at_once is None else word_at_once,
         DECAY=bool(decay),
         CLAMP=min_value is not None,
         BLOCK=BLOCK,

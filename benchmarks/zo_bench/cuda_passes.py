@@ -1,7 +1,7 @@
 """``zo-bench cuda-passes``: one perturbed-copy pass and one update over a model's matrices on a GPU, z scheme 3
 (torch ops: ``normal_`` into a buffer, then ``add`` / ``addcmul``, and for a mask ``abs`` + ``le_``) against schemes 4
-and 5 (``zo_trainer.triton_noise``: z drawn inside the Triton kernels that apply it; 16-bit and 8-bit picks), each
-kernel both ways of drawing z (each entry mixing its own word, or each word mixed once), dense and masked.
+and 5 (``zo_trainer.triton_noise``: z drawn inside the Triton kernels that apply it; 16-bit and 8-bit picks), dense and
+masked.
 
 The matrices are a Llama-2-7B layer's (4 x 4096x4096 attention, 3 x 11008x4096 MLP) times ``--layers``, random fp16
 (or ``--dtype``) values of scale 0.02, built directly on the GPU. The masked rows give every tensor a fixed threshold
@@ -44,56 +44,28 @@ def _timed(fn, repeats: int, sync) -> list[float]:
     return times
 
 
-# (z scheme, Triton: each word mixed once and its entries interleaved (True) or each entry mixing its word (False));
-# scheme 3 is torch ops through the engine.
-VARIANTS = [(3, None), (4, False), (4, True), (5, False), (5, True)]
+SCHEMES = (3, 4, 5)
 
 
-def _label(scheme: int, word_at_once: bool | None) -> str:
-    if word_at_once is None:
-        return f"scheme {scheme} (torch ops)"
-    return f"scheme {scheme} ({'per word' if word_at_once else 'per entry'})"
-
-
-def _passes(holder: nn.Module, scheme: int, threshold: float | None, word_at_once: bool | None):
-    """The perturbed-copy pass, the update over every matrix of ``holder``, and what releases them: scheme 3 through
-    the engine (torch ops), schemes 4-5 by the Triton kernels with the given way of drawing z."""
-    from zo_trainer import triton_noise
+def _passes(holder: nn.Module, scheme: int, threshold: float | None):
+    """The perturbed-copy pass over every matrix of ``holder`` and the update, through the engine: scheme 3 by torch
+    ops, schemes 4-5 by the Triton kernels."""
     from zo_trainer.engine import ZOEngine, parameter_targets
 
-    key, eps, coefficient = 12345, 1e-3, 1e-12
-    if word_at_once is None:
-        engine = ZOEngine(parameter_targets(holder, lambda *_: True))
-        engine.load_noise_config({**engine.noise_config(), "scheme": scheme})
-        for target in engine.targets:
-            target.threshold = threshold
-
-        def perturb() -> None:
-            for target in engine.targets:
-                engine._perturbed_tensor(target, target.get(), key, eps)
-
-        return perturb, lambda: engine.update([key], [coefficient]), engine.remove
-    pick_bits = {4: 16, 5: 8}[scheme]
-    weights = list(holder.weights)
-    scratch = torch.empty(max(w.numel() for w in weights), dtype=weights[0].dtype, device=weights[0].device)
-    keys, coefficients = triton_noise.update_arguments([[key]], [coefficient], weights[0].device)
+    key, eps = 12345, 1e-3
+    engine = ZOEngine(parameter_targets(holder, lambda *_: True))
+    engine.load_noise_config({**engine.noise_config(), "scheme": scheme})
+    for target in engine.targets:
+        target.threshold = threshold
 
     def perturb() -> None:
-        for w in weights:
-            triton_noise.perturbed_copy(
-                w, scratch[: w.numel()].view_as(w), key, eps, threshold, pick_bits, word_at_once
-            )
+        for target in engine.targets:
+            engine._perturbed_tensor(target, target.get(), key, eps)
 
-    def update() -> None:
-        for w in weights:
-            triton_noise.update_(w, keys[0], coefficients, threshold, pick_bits=pick_bits, word_at_once=word_at_once)
-
-    return perturb, update, lambda: None
+    return engine, perturb, lambda: engine.update([key], [1e-12])
 
 
 def run_cuda_passes(out: Path, layers: int, dtype_name: str, repeats: int, quick: bool) -> dict[str, Any]:
-    from zo_trainer import triton_noise
-
     device = "cpu" if quick else "cuda"
     sync = (lambda: None) if quick else torch.cuda.synchronize
     dtype = DTYPES[dtype_name]
@@ -108,18 +80,13 @@ def run_cuda_passes(out: Path, layers: int, dtype_name: str, repeats: int, quick
     moved = 2 * numel * torch.empty((), dtype=dtype).element_size()
     rows = []
     for masked in (False, True):
-        threshold = THRESHOLD if masked else None
-        for scheme, word_at_once in VARIANTS:
-            perturb, update, release = _passes(holder, scheme, threshold, word_at_once)
+        for scheme in SCHEMES:
+            engine, perturb, update = _passes(holder, scheme, THRESHOLD if masked else None)
             perturb_times, update_times = _timed(perturb, repeats, sync), _timed(update, repeats, sync)
-            release()
-            pick_bits = {4: 16, 5: 8}.get(scheme)
             row = {
                 "scheme": scheme,
                 "masked": masked,
-                "fused": scheme != 3,
-                "word_at_once": word_at_once,
-                "engine_default": scheme == 3 or triton_noise.per_word(masked, pick_bits) == word_at_once,
+                "fused": all(engine._fused(t.get()) for t in engine.targets),
                 "perturb_pass_ms": 1e3 * statistics.median(perturb_times),
                 "update_ms": 1e3 * statistics.median(update_times),
                 "perturb_all_ms": [1e3 * t for t in perturb_times],
@@ -129,9 +96,10 @@ def run_cuda_passes(out: Path, layers: int, dtype_name: str, repeats: int, quick
             row["update_GBps"] = moved / row["update_ms"] / 1e6
             rows.append(row)
             log_line(
-                f"{_label(scheme, word_at_once)} {'masked' if masked else 'dense'}: perturbed copy "
-                f"{row['perturb_pass_ms']:.2f} ms, update {row['update_ms']:.2f} ms"
+                f"scheme {scheme} {'masked' if masked else 'dense'}: perturbed copy {row['perturb_pass_ms']:.2f} ms, "
+                f"update {row['update_ms']:.2f} ms"
             )
+            engine.remove()
     payload = {
         "suite": "cuda-passes",
         "schema_version": SCHEMA_VERSION,
@@ -155,21 +123,18 @@ def run_cuda_passes(out: Path, layers: int, dtype_name: str, repeats: int, quick
 
 
 def table(payload: dict[str, Any]) -> str:
-    """ms per pass; the engine's choice of way for each scheme and pass is marked *."""
-    columns = [(scheme, word) for scheme, word in VARIANTS]
     lines = [
-        "| pass | " + " | ".join(f"{_label(s, w)} ms" for s, w in columns) + " |",
-        "|---|" + "---|" * len(columns),
+        "| pass | scheme 3 (torch ops) ms | scheme 4 (Triton) ms | scheme 5 (Triton) ms | 3 / 5 | 4 / 5 |",
+        "|---|---|---|---|---|---|",
     ]
-    by_key = {(r["scheme"], r["word_at_once"], r["masked"]): r for r in payload["rows"]}
+    by_key = {(r["scheme"], r["masked"]): r for r in payload["rows"]}
     for masked in (False, True):
         for field, name in (("perturb_pass_ms", "perturbed copy"), ("update_ms", "update")):
-            cells = []
-            for scheme, word in columns:
-                row = by_key[(scheme, word, masked)]
-                mark = "*" if row["engine_default"] and scheme != 3 else ""
-                cells.append(f"{row[field]:.2f}{mark}")
-            lines.append(f"| {name}, {'masked' if masked else 'dense'} | " + " | ".join(cells) + " |")
+            ms = [by_key[(scheme, masked)][field] for scheme in SCHEMES]
+            lines.append(
+                f"| {name}, {'masked' if masked else 'dense'} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} | "
+                f"{ms[0] / ms[2]:.2f} | {ms[1] / ms[2]:.2f} |"
+            )
     return "\n".join(lines)
 
 

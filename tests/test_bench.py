@@ -205,7 +205,8 @@ def test_growth_quick(out):
 
 
 def test_engine_quick_times_every_z_scheme_through_the_console_script(tmp_path):
-    """zo-bench engine --quick: the engine's own work per step (no forward), z schemes 1, 2, 3, 5, dense and sparse.
+    """zo-bench engine --quick: the engine's own work per step (no forward), z schemes 1, 2, 3, 5 (and 5 drawn into a
+    buffer then applied by torch ops: "5f"), dense and sparse.
 
     Checks the harness, not the figures: every scheme of both methods timed (wall and CPU), every module reading a
     target saw its perturbed copy in both passes (the engine's hooks did the work), and one error line for a bad flag.
@@ -220,14 +221,15 @@ def test_engine_quick_times_every_z_scheme_through_the_console_script(tmp_path):
     assert set(methods) == {"mezo", "sparse_mezo"}
     assert methods["mezo"]["entries"] > methods["sparse_mezo"]["entries"] > 0  # sparse leaves embedding and norms
     for row in methods.values():
-        for scheme in (1, 2, 3, 5):
+        for scheme in (1, 2, 3, 5, "5f"):
             timed = row[f"scheme{scheme}"]
-            assert timed["noise_config"]["scheme"] == scheme
+            assert timed["noise_config"]["scheme"] == (5 if scheme == "5f" else scheme)
             assert _finite(timed["wall_seconds_median"]) and _finite(timed["cpu_seconds_median"])
             assert len(timed["cpu_seconds_all"]) == payload["setup"]["repeats"] == 1
             assert timed["modules_perturbed_per_pass"] == [timed["modules_reading_targets"]]
         assert _finite(row["ratio_cpu"]) and _finite(row["ratio_wall"]) and _finite(row["ratio_3_over_2_cpu"])
         assert _finite(row["ratio_5_over_3_cpu"]) and _finite(row["ratio_5_over_3_wall"])
+        assert _finite(row["ratio_5_over_5f_cpu"]) and _finite(row["ratio_5_over_5f_wall"])
     assert "| tiny | `sparse_mezo` |" in proc.stdout
     # An engine.json written before scheme 3 (the committed one, less its scheme-3 figures) still makes a table.
     from benchmarks.zo_bench.engine_cost import table
@@ -235,7 +237,14 @@ def test_engine_quick_times_every_z_scheme_through_the_console_script(tmp_path):
     older = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/engine.json").read_text())
     for result in older["shapes"].values():
         for row in result["methods"].values():
-            for key in ("scheme3", "ratio_3_over_2_cpu", "ratio_3_over_2_wall", "scheme5", "ratio_5_over_3_cpu"):
+            for key in (
+                "scheme3",
+                "ratio_3_over_2_cpu",
+                "ratio_3_over_2_wall",
+                "scheme5",
+                "ratio_5_over_3_cpu",
+                "scheme5f",
+            ):
                 row.pop(key, None)
     assert "| - | **" in table(older)
     bad = zo_bench("engine", "--shapes", "llama-70b", "--out", tmp_path / "bad")

@@ -115,3 +115,84 @@ def test_without_the_extension_the_reference_draws_the_same_z(pick_bits, monkeyp
         assert torch.equal(drawn, expected)
     finally:
         counter_noise._fills.cache_clear()
+
+
+APPLY_SPANS = [(0, 1), (3, 10), (0, 63), (0, 64), (7, 64), (1, 127), (9, 200), (5, 100_003), ((1 << 33) + 3, 5_000)]
+
+
+@pytest.mark.parametrize("threshold", [None, 0.015])
+@pytest.mark.parametrize("dtype", counter_noise.APPLY_DTYPES)
+@pytest.mark.parametrize("start,numel", APPLY_SPANS)
+def test_apply_as_drawn_gives_the_torch_ops_bits(dtype, start, numel, threshold):
+    """``counter_apply_`` is the fill then the torch op it replaces, bit for bit: ``torch.add(w, z, alpha)`` (fused
+    multiply-add; bf16 with alpha rounded to bf16, and torch's own rounding past its last whole 64 entries) or, with a
+    threshold, ``torch.addcmul(w, z, |w| <= threshold, value=alpha)``; into another tensor or in place; both loops;
+    the count of entries inside the mask. torch's op on one intra-op thread: torch cuts an op over several threads
+    into pieces with a bf16 tail each, which the engine's chunks never do (they are whole 64-entry pieces or run on
+    one thread)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check_apply(dtype, start, numel, threshold)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_apply(dtype: torch.dtype, start: int, numel: int, threshold: float | None) -> None:
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    weight = torch.randn(numel, generator=torch.Generator().manual_seed(numel)).mul_(0.02).to(dtype)
+    z = counter_normal_(torch.empty(numel, dtype=dtype), KEY, start, pick_bits=8)
+    for alpha in (1e-3, -2.5e-3, -0.0123456):
+        if threshold is None:
+            expected, inside = torch.add(weight, z, alpha=alpha), 0
+        else:
+            mask = torch.abs(weight).le_(threshold)
+            expected, inside = torch.addcmul(weight, z, mask, value=alpha), int(torch.count_nonzero(mask))
+        for simd in (True, False):
+            out = torch.empty_like(weight)
+            assert counter_noise.counter_apply_(out, weight, KEY, start, alpha, threshold, simd=simd) == inside
+            assert torch.equal(out.view(bits), expected.view(bits)), (alpha, simd)
+        in_place = weight.clone()
+        counter_noise.counter_apply_(in_place, in_place, KEY, start, alpha, threshold)
+        assert torch.equal(in_place, expected)
+
+
+@pytest.mark.parametrize("optim", ["mezo", "masked"])
+@pytest.mark.parametrize("dtype", counter_noise.APPLY_DTYPES)
+def test_engine_steps_are_the_same_bits_with_z_applied_as_drawn(dtype, optim, monkeypatch):
+    """Whole ZO steps under scheme 5 (tensors of whole and partial 64-entry groups, the row paths of the vocabulary
+    tensors, masks on every target): the weights after two steps, and both losses of each, are those of the fill
+    then torch ops, bit for bit."""
+    from conftest import make_tiny_llama
+    from zo_trainer.engine import ZOEngine
+    from zo_trainer.methods import MeZO
+    from zo_trainer.optim import ZOOptimizer
+    from zo_trainer.step import zo_step
+    from zo_trainer.training_args import ZOTrainingArguments
+
+    ids = torch.randint(0, 333, (2, 9), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for as_drawn in (True, False):
+        model = make_tiny_llama(333, dtype, hidden_size=40, intermediate_size=70, max_position_embeddings=32).eval()
+        args = ZOTrainingArguments(output_dir="unused", optim="mezo", report_to="none", learning_rate=0.3, zo_eps=1e-2)
+        method = MeZO(args)
+        engine = ZOEngine(method.targets(model), num_noise_threads=1)
+        assert engine.noise_scheme == 5
+        engine.ROW_CHUNK_BYTES = 4096  # The embedding and lm_head take the row paths.
+        if optim == "masked":
+            engine.set_thresholds(0.5)
+        if not as_drawn:
+            monkeypatch.setattr(engine, "_applied_as_drawn", lambda tensor: False)
+        assert all(engine._applied_as_drawn(t.get()) is as_drawn for t in engine.targets)
+        optimizer = ZOOptimizer(engine, method, lr=args.learning_rate, num_perturbations=1, max_skipped_steps=3)
+        losses = []
+        for step in range(2):
+            loss = lambda model=model: model(input_ids=ids, labels=ids).loss  # noqa: E731
+            losses.append(zo_step(engine, optimizer, loss, eps=args.zo_eps, num_perturbations=1, seed=3, step=step))
+            optimizer.step()
+        runs.append((losses, {k: v.clone() for k, v in model.state_dict().items()}))
+    (losses, weights), (reference_losses, reference_weights) = runs
+    assert repr(losses) == repr(reference_losses)
+    assert any(t.numel % 64 for t in engine.targets)
+    for name, value in weights.items():
+        assert torch.equal(value, reference_weights[name]), name

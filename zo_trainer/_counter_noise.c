@@ -9,7 +9,17 @@
  * only so that it builds and links as an extension everywhere. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
+
+/* The apply functions below must round as torch's ops do: an explicit fused multiply-add where torch fuses, a product
+ * rounded on its own where torch rounds it; the compiler may not contract a multiply and an add into one. */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 
 static inline uint64_t mix(uint64_t key, uint64_t word) {
     uint64_t x = key + word * 0x9E3779B97F4A7C15ULL;
@@ -54,6 +64,57 @@ FILL(fill16_64, uint64_t, 16)
 FILL(fill8_16, uint16_t, 8)
 FILL(fill8_32, uint32_t, 8)
 FILL(fill8_64, uint64_t, 8)
+
+/* Scheme 5's z applied as it is drawn: out = w + alpha * z (* mask), one pass (out may be w: the update). The float
+ * operations are torch's for the ops the engine used before (CPU, vectorised paths): dense, `torch.add(w, z,
+ * alpha=alpha)`: one fused multiply-add in fp32 (for bf16 torch rounds alpha to bf16 first, which the caller does, and
+ * a bf16 z times a bf16 alpha is exact in fp32); masked, `torch.addcmul(w, z, mask, value=alpha)`: the product rounded
+ * to fp32, then the sum, where |w| <= threshold (the threshold as the tensor's dtype holds it); w itself elsewhere.
+ * bf16 results round to nearest even from fp32 (a NaN becomes 0xFFFF, as in torch's vectorised conversion). */
+static inline float bf16_value(uint16_t bits) {
+    uint32_t u = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0xFFFF;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float applied(float w, float z, float alpha, float threshold, int masked, int64_t *count) {
+    if (!masked) return fmaf(z, alpha, w);
+    if (fabsf(w) <= threshold) {
+        float step = alpha * z;
+        *count += 1;
+        return w + step;
+    }
+    return w;
+}
+
+static inline float f32_value(float f) { return f; }
+static inline float f32_bits(float f) { return f; }
+
+/* The portable loop: entries [0, n) of out / w are stream entries start .. start + n; each word mixed once. Returns
+ * the number of entries inside the mask (masked), else 0. */
+#define APPLY8(NAME, T, LOAD, STORE)                                                                          \
+    static int64_t NAME(T *out, const T *w, const float *table, int64_t n, uint64_t key, int64_t start,        \
+                        float alpha, float threshold, int masked) {                                           \
+        uint64_t x = 0;                                                                                       \
+        int64_t count = 0;                                                                                    \
+        for (int64_t i = 0; i < n; i++) {                                                                     \
+            int64_t entry = start + i;                                                                        \
+            if (i == 0 || (entry & 7) == 0) x = mix(key, (uint64_t)entry >> 3);                               \
+            float z = table[(x >> (8 * (entry & 7))) & 255];                                                  \
+            out[i] = STORE(applied(LOAD(w[i]), z, alpha, threshold, masked, &count));                         \
+        }                                                                                                     \
+        return count;                                                                                         \
+    }
+APPLY8(apply8_32, float, f32_value, f32_bits)
+APPLY8(apply8_16, uint16_t, bf16_value, bf16_bits)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -102,8 +163,63 @@ AVX512 static inline __m512i lookup32(__m512i pick, __m512i m0, __m512i m1, __m5
 FILL8_SIMD(fill8_simd_16, uint16_t, STORE16)
 FILL8_SIMD(fill8_simd_32, uint32_t, STORE32)
 
+/* 16 fp32 z from 16 bf16 patterns. */
+AVX512 static inline __m512 z16(__m256i patterns) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(patterns), 16));
+}
+
+AVX512 static inline __m512 applied16(__m512 w, __m512 z, __m512 alpha, __m512 threshold, int masked, int64_t *count) {
+    if (!masked) return _mm512_fmadd_ps(z, alpha, w);
+    __m512 step = _mm512_mul_ps(alpha, z);
+    __m512 sum = _mm512_add_ps(w, step);
+    __mmask16 inside = _mm512_cmp_ps_mask(_mm512_abs_ps(w), threshold, _CMP_LE_OQ);
+    *count += __builtin_popcount((unsigned)inside);
+    return _mm512_mask_blend_ps(inside, w, sum);
+}
+
+AVX512 static inline __m512 load16_32(const float *p) { return _mm512_loadu_ps(p); }
+AVX512 static inline void store16_32(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
+AVX512 static inline __m512 load16_16(const uint16_t *p) { return z16(_mm256_loadu_si256((const __m256i *)p)); }
+AVX512 static inline void store16_16(uint16_t *p, __m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(rounded));
+}
+
+/* Words first .. first + words (a multiple of 8) of the stream applied to 8 entries each. */
+#define APPLY8_SIMD(NAME, T, LOAD, STORE)                                                                       \
+    AVX512 static int64_t NAME(T *out, const T *w, const uint16_t *magnitudes, int64_t words, uint64_t key,       \
+                               uint64_t first, float alpha, float threshold, int masked) {                       \
+        int64_t count = 0;                                                                                       \
+        __m512i m0 = _mm512_loadu_si512(magnitudes), m1 = _mm512_loadu_si512(magnitudes + 32);                   \
+        __m512i m2 = _mm512_loadu_si512(magnitudes + 64), m3 = _mm512_loadu_si512(magnitudes + 96);              \
+        __m512i k = _mm512_set1_epi64((long long)key), eight = _mm512_set1_epi64(8);                            \
+        __m512i word = _mm512_add_epi64(_mm512_set1_epi64((long long)first), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)); \
+        __m512 a = _mm512_set1_ps(alpha), t = _mm512_set1_ps(threshold);                                         \
+        for (int64_t j = 0; j < words; j += 8, word = _mm512_add_epi64(word, eight)) {                           \
+            __m512i x = mix8(k, word);                                                                           \
+            __m512i lo = lookup32(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(x)), m0, m1, m2, m3);             \
+            __m512i hi = lookup32(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(x, 1)), m0, m1, m2, m3);       \
+            __m256i patterns[4] = {_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1),                 \
+                                   _mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1)};                \
+            for (int q = 0; q < 4; q++) {                                                                        \
+                int64_t at = 8 * j + 16 * q;                                                                     \
+                STORE(out + at, applied16(LOAD(w + at), z16(patterns[q]), a, t, masked, &count));                \
+            }                                                                                                    \
+        }                                                                                                        \
+        return count;                                                                                            \
+    }
+APPLY8_SIMD(apply8_simd_32, float, load16_32, store16_32)
+APPLY8_SIMD(apply8_simd_16, uint16_t, load16_16, store16_16)
+
 static int simd_usable(void) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+    static int usable = -1; /* checked once: every fill and apply asks */
+    if (usable < 0)
+        usable = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                 __builtin_cpu_supports("avx512bw");
+    return usable;
 }
 #else
 #define SIMD_BUILT 0
@@ -116,7 +232,7 @@ static int simd_usable(void) { return 0; }
     EXPORT void NAME(T *out, const T *table, const uint16_t *magnitudes, int64_t n, uint64_t key, int64_t start,   \
                      int simd) {                                                                                \
         int64_t head = (8 - (start & 7)) & 7;                                                                   \
-        if (!simd || n < head + 64) {                                                                           \
+        if (!simd || !simd_usable() || n < head + 64) { /* a CPU without AVX-512 takes the portable loop */   \
             PORTABLE(out, table, n, key, start);                                                                \
             return;                                                                                             \
         }                                                                                                       \
@@ -149,6 +265,32 @@ EXPORT void zo_counter8_fill_32(uint32_t *out, const uint32_t *table, const uint
 #endif
 EXPORT void zo_counter8_fill_64(uint64_t *out, const uint64_t *table, const uint16_t *magnitudes, int64_t n, uint64_t key,
                                 int64_t start, int simd) { fill8_64(out, table, n, key, start); }
+
+/* Scheme 5's apply (see APPLY8): the portable loop around the AVX-512 one, as the fill. fp32 (T float) and bf16.
+ * Returns the number of entries inside the mask (masked), else 0. */
+#if SIMD_BUILT
+#define APPLY8_ENTRY(NAME, T, PORTABLE, SIMD_APPLY)                                                            \
+    EXPORT int64_t NAME(T *out, const T *w, const float *table, const uint16_t *magnitudes, int64_t n,          \
+                        uint64_t key, int64_t start, float alpha, float threshold, int masked, int simd) {      \
+        int64_t head = (8 - (start & 7)) & 7;                                                                   \
+        if (!simd || !simd_usable() || n < head + 64)                                                           \
+            return PORTABLE(out, w, table, n, key, start, alpha, threshold, masked);                            \
+        int64_t count = PORTABLE(out, w, table, head, key, start, alpha, threshold, masked);                    \
+        int64_t words = (n - head) / 64 * 8;                                                                    \
+        count += SIMD_APPLY(out + head, w + head, magnitudes, words, key, (uint64_t)(start + head) >> 3, alpha,  \
+                            threshold, masked);                                                                 \
+        int64_t done = head + 8 * words;                                                                        \
+        return count + PORTABLE(out + done, w + done, table, n - done, key, start + done, alpha, threshold, masked); \
+    }
+#else
+#define APPLY8_ENTRY(NAME, T, PORTABLE, SIMD_APPLY)                                                            \
+    EXPORT int64_t NAME(T *out, const T *w, const float *table, const uint16_t *magnitudes, int64_t n,          \
+                        uint64_t key, int64_t start, float alpha, float threshold, int masked, int simd) {      \
+        return PORTABLE(out, w, table, n, key, start, alpha, threshold, masked);                                \
+    }
+#endif
+APPLY8_ENTRY(zo_counter8_apply_32, float, apply8_32, apply8_simd_32)
+APPLY8_ENTRY(zo_counter8_apply_16, uint16_t, apply8_16, apply8_simd_16)
 
 /* Whether scheme 5's AVX-512 fill is built and this CPU runs it. */
 EXPORT int zo_counter8_simd(void) { return simd_usable(); }

@@ -99,6 +99,79 @@ def counter_normal_(
     return out
 
 
+APPLY_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def apply_supported(tensor: torch.Tensor) -> bool:
+    """Whether ``counter_apply_`` takes ``tensor``: CPU, contiguous, fp32 or bf16, the C extension built."""
+    return (
+        tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype in APPLY_DTYPES and _fills() is not None
+    )
+
+
+def counter_apply_(
+    out: torch.Tensor,
+    weight: torch.Tensor,
+    key: int,
+    start: int,
+    alpha: float,
+    threshold: float | None = None,
+    simd: bool = True,
+) -> int:
+    """``out := weight + alpha * z (* (|weight| <= threshold))`` with z entries ``start .. start + numel`` of scheme
+    5's stream of ``key``, drawn as they are applied (one pass; ``out`` may be ``weight``: an update in place).
+
+    The bits are those of the torch ops it replaces on CPU: ``torch.add(weight, z, alpha=alpha)`` (one fused
+    multiply-add in fp32; bf16 rounds alpha to bf16 first, as torch does), or with a threshold
+    ``torch.addcmul(weight, z, mask, value=alpha)`` (the product rounded, then the sum) with ``mask = |weight| <=
+    threshold``; ``tests/test_counter_noise.py`` checks both against torch. ``apply_supported`` tensors only. Returns
+    the number of entries inside the mask (0 without a threshold)."""
+    if out.numel() == 0:
+        return 0
+    if out.dtype != weight.dtype or out.numel() != weight.numel():
+        raise ValueError(f"out and weight differ: {out.dtype} {out.numel()} vs {weight.dtype} {weight.numel()}")
+    masked = threshold is not None
+    numel = out.numel()
+    scalar = torch.tensor(alpha, dtype=torch.float32)
+    if out.dtype == torch.bfloat16 and not masked:
+        scalar = scalar.to(torch.bfloat16).float()
+        # torch's bf16 add rounds otherwise on the entries after its last whole pair of vectors (64 entries): those
+        # are left to torch itself.
+        numel -= numel % 64
+    bound = float(torch.tensor(threshold, dtype=torch.float32).to(out.dtype).float()) if masked else 0.0
+    count = _applies()[out.dtype](
+        out.data_ptr(),
+        weight.data_ptr(),
+        _table(torch.float32, 8).data_ptr(),
+        _magnitudes16(torch.bfloat16).data_ptr(),
+        numel,
+        key & MASK64,
+        start,
+        float(scalar),
+        bound,
+        int(masked),
+        int(simd),
+    )
+    if numel < out.numel():
+        tail_out, tail_weight = out.view(-1)[numel:], weight.view(-1)[numel:]
+        z = counter_normal_(torch.empty_like(tail_out), key, start + numel, pick_bits=8)
+        torch.add(tail_weight, z, alpha=alpha, out=tail_out)
+    return count
+
+
+@functools.cache
+def _applies() -> dict[torch.dtype, Callable[..., None]]:
+    library = ctypes.CDLL(importlib.import_module("zo_trainer._counter_noise").__file__)
+    applies = {}
+    for dtype, width in ((torch.float32, 32), (torch.bfloat16, 16)):
+        apply = getattr(library, f"zo_counter8_apply_{width}")
+        apply.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_uint64, ctypes.c_int64]
+        apply.argtypes += [ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        apply.restype = ctypes.c_int64
+        applies[dtype] = apply
+    return applies
+
+
 def counter_normal_reference(
     numel: int, key: int, start: int = 0, dtype: torch.dtype = torch.float32, pick_bits: int = 16
 ) -> torch.Tensor:

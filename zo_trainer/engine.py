@@ -339,6 +339,11 @@ class ZOEngine:
             and not self._fused(tensor)
         )
 
+    def _applied_as_drawn(self, tensor: torch.Tensor) -> bool:
+        """Whether scheme 5's z of a CPU chunk of ``tensor`` is applied as it is drawn, in one C pass
+        (``counter_noise.counter_apply_``: the bits of the fill and the torch op it replaces, without writing z out)."""
+        return self.noise_scheme >= 5 and self.distribution == "gaussian" and counter_noise.apply_supported(tensor)
+
     def _fused(self, tensor: torch.Tensor) -> bool:
         """Whether z of ``tensor`` is drawn inside the Triton kernels that apply it (schemes 4-5, Gaussian, CUDA)."""
         return self.noise_scheme >= 4 and self.distribution == "gaussian" and triton_noise.supported(tensor)
@@ -617,11 +622,30 @@ class ZOEngine:
         flat_out, flat_original = out.view(-1), original.view(-1)
 
         def chunk(start: int, stop: int, slot: int) -> None:
-            z = self._chunk_noise(seed, start, flat_out[start:stop], slot)
-            self._perturb_chunk(target, flat_original[start:stop], z, signed_eps, slot)
+            self._perturbed_chunk(
+                target, seed, start, flat_original[start:stop], flat_out[start:stop], signed_eps, slot
+            )
 
         self._for_each_chunk(flat_out, chunk)
         return out
+
+    def _perturbed_chunk(
+        self,
+        target: ZOTarget,
+        seed: int,
+        start: int,
+        values: torch.Tensor,
+        out: torch.Tensor,
+        signed_eps: float,
+        slot: int,
+    ) -> torch.Tensor:
+        """``values + eps * z (* mask)`` of the chunk at flat offset ``start`` of a target (stream ``seed``), into
+        ``out``: under scheme 5 on CPU one pass that applies z as it draws it; else z drawn into ``out``, then a torch
+        op (``_perturb_chunk``). The same bits either way."""
+        if self._applied_as_drawn(values):
+            counter_noise.counter_apply_(out, values, seed, start, signed_eps, target.threshold)
+            return out
+        return self._perturb_chunk(target, values, self._chunk_noise(seed, start, out, slot), signed_eps, slot)
 
     def _perturb_chunk(
         self, target: ZOTarget, values: torch.Tensor, z: torch.Tensor, signed_eps: float, slot: int
@@ -694,7 +718,7 @@ class ZOEngine:
 
         def fill(start: int, stop: int, slot: int) -> None:
             z = self._scratch.take((stop - start,), weight.dtype, weight.device, f"rowz{slot}")
-            self._perturb_chunk(target, flat[start:stop], self._chunk_noise(seed, start, z, slot), signed_eps, slot)
+            self._perturbed_chunk(target, seed, start, flat[start:stop], z, signed_eps, slot)
             first, last = position[start // block], position[(stop - 1) // block]
             for k in range(ends[first - 1] if first else 0, ends[last]):  # A copy per row piece, not per entry.
                 flat_picked[into[k] : into[k] + hi[k] - lo[k]].copy_(z[lo[k] - start : hi[k] - start])
@@ -750,8 +774,8 @@ class ZOEngine:
             base, end = first * block, min(numel, (first + blocks_per_chunk) * block)
 
             def fill(start: int, stop: int, slot: int, base: int = base, carry: int = carry) -> None:
-                z = self._chunk_noise(seed, start, chunk[carry + start - base : carry + stop - base], slot)
-                self._perturb_chunk(target, flat[start:stop], z, signed_eps, slot)
+                out = chunk[carry + start - base : carry + stop - base]
+                self._perturbed_chunk(target, seed, start, flat[start:stop], out, signed_eps, slot)
 
             self._for_each_chunk(weight, fill, range(first, -(-end // block)))
             filled = carry + end - base
@@ -863,7 +887,26 @@ class ZOEngine:
         counts: list[list[torch.Tensor]] = [[] for _ in range(self.num_noise_threads)]
         decay = -lr * target.weight_decay if target.weight_decay and lr else 0.0
 
+        live = [(seed, c) for seed, c in zip(seeds, coefficients) if c != 0.0]
+        # One pass per key that applies z as it draws it (scheme 5, CPU): where no decay follows, and with a mask only
+        # for one key (the mask must come from the values before the whole update).
+        as_drawn = (
+            self._applied_as_drawn(tensor)
+            and not decay
+            and len(live) >= 1
+            and (target.threshold is None or len(live) == 1)
+        )
+
         def chunk(start: int, stop: int, slot: int) -> None:
+            if as_drawn:
+                values = flat[start:stop]
+                for seed, coefficient in live:
+                    count = counter_noise.counter_apply_(values, values, seed, start, -coefficient, target.threshold)
+                    if target.threshold is not None:
+                        counts[slot].append(torch.tensor(float(count), dtype=torch.float64))
+                if target.min_value is not None:
+                    values.clamp_(min=target.min_value)
+                return
             if flat_z is None:
                 scratch = self._scratch.take((stop - start,), tensor.dtype, tensor.device, f"rowz{slot}")
             else:

@@ -15,7 +15,8 @@ Every configuration (method x scheme) runs once per round, in the same process, 
 round; round 0 is a warm-up (scratch buffers) and is discarded. Wall time and process CPU time (all threads) are
 recorded: the CPU may be shared, and CPU time is the less disturbed of the two. The figures are scheme 2 / scheme 1
 (blocks drawn where they are used vs whole tensors), scheme 3 / scheme 2 (counter-based Gaussian z vs normal_) and
-scheme 5 / scheme 3 (8-bit picks of 256 values vs 16-bit picks of 65,536).
+scheme 5 / scheme 3 (8-bit picks of 256 values vs 16-bit picks of 65,536), and scheme 5 / "5f" (z applied as it is
+drawn, in one C pass, vs drawn into a buffer and then applied by a torch op: the same bits).
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ ENGINE_SHAPES: dict[str, dict[str, Any]] = {
 DEFAULT_SHAPES = ("smollm2-135m", "llama-3.2-1b")
 METHODS = ("mezo", "sparse_mezo")
 SCHEMES = (1, 2, 3, 5)  # The CPU z schemes: 4 draws as 3 on CPU (it differs on CUDA only).
+# Scheme 5 with z drawn into a buffer, then applied by torch ops (the engine before z was applied as drawn): the same
+# bits, the before of ``ratio_5_over_5f``.
+FILL_THEN_OP = "5f"
+CONFIGS = (*SCHEMES, FILL_THEN_OP)
 SPARSITY = 0.8
 EPS = 1e-3
 COEFFICIENT = 1e-9  # lr * projected gradient: small, so the thresholds' masks stay what they were.
@@ -143,9 +148,11 @@ def method_targets(model: ShapeModel, method: str) -> list[ZOTarget]:
     return parameter_targets(model, lambda name, owner, p: p.dim() == 2 and p is not embedding)
 
 
-def build_engine(model: ShapeModel, method: str, scheme: int) -> ZOEngine:
+def build_engine(model: ShapeModel, method: str, scheme: int | str) -> ZOEngine:
     engine = ZOEngine(method_targets(model, method))
-    engine.load_noise_config({**engine.noise_config(), "scheme": scheme})
+    engine.load_noise_config({**engine.noise_config(), "scheme": 5 if scheme == FILL_THEN_OP else scheme})
+    if scheme == FILL_THEN_OP:
+        engine._applied_as_drawn = lambda tensor: False
     if method == "sparse_mezo":
         engine.set_thresholds(SPARSITY)
     return engine
@@ -168,7 +175,7 @@ def measure_shape(name: str, repeats: int, on_round=None) -> dict[str, Any]:
     """Interleaved rounds of every method x scheme on the tensors of ``name``; medians and scheme 2 / scheme 1."""
     shape = ENGINE_SHAPES[name]
     model = ShapeModel(shape)
-    engines = {(method, scheme): build_engine(model, method, scheme) for method in METHODS for scheme in SCHEMES}
+    engines = {(method, scheme): build_engine(model, method, scheme) for method in METHODS for scheme in CONFIGS}
     for engine in engines.values():  # Only one engine's hooks are installed at a time.
         engine.remove()
     wall: dict[tuple[str, int], list[float]] = {key: [] for key in engines}
@@ -200,7 +207,7 @@ def _shape_result(name, shape, model, engines, wall, cpu, perturbed_reads) -> di
     methods: dict[str, Any] = {}
     for method in METHODS:
         row: dict[str, Any] = {}
-        for scheme in SCHEMES:
+        for scheme in CONFIGS:
             engine = engines[(method, scheme)]
             row[f"scheme{scheme}"] = {
                 "wall_seconds_median": median(wall[(method, scheme)]),
@@ -221,6 +228,9 @@ def _shape_result(name, shape, model, engines, wall, cpu, perturbed_reads) -> di
         fifth = row["scheme5"]
         row["ratio_5_over_3_wall"] = fifth["wall_seconds_median"] / third["wall_seconds_median"]
         row["ratio_5_over_3_cpu"] = fifth["cpu_seconds_median"] / third["cpu_seconds_median"]
+        before = row[f"scheme{FILL_THEN_OP}"]
+        row["ratio_5_over_5f_wall"] = fifth["wall_seconds_median"] / before["wall_seconds_median"]
+        row["ratio_5_over_5f_cpu"] = fifth["cpu_seconds_median"] / before["cpu_seconds_median"]
         row["entries"] = engines[(method, SCHEMES[0])].total_numel
         row["tensors"] = len(engines[(method, SCHEMES[0])].targets)
         methods[method] = row
@@ -253,12 +263,13 @@ def run_engine_cost(out: Path, shapes: list[str], repeats: int, quick: bool) -> 
                 "2": f"z drawn in {ZOEngine.NOISE_BLOCK}-entry blocks right where it is used (cache-resident)",
                 "3": "as 2, Gaussian z from a counter-based stream (zo_trainer.counter_noise) instead of normal_",
                 "5": "as 3, the stream's 8-bit picks of 256 bf16-exact values (AVX-512 permutes) instead of 16-bit "
-                "picks of 65,536 (a table in memory)",
+                "picks of 65,536 (a table in memory), applied as it is drawn (one C pass per chunk)",
+                "5f": "scheme 5's z drawn into a chunk buffer, then applied by torch ops (the engine before session 12)",
             },
             "repeats": repeats,
             "statistic": "median over rounds; each round runs every method x scheme once, order reversed every other "
             "round; round 0 (warm-up) discarded; ratio = scheme 2 median / scheme 1 median; ratio_3_over_2 = scheme 3 "
-            "median / scheme 2 median; ratio_5_over_3 likewise",
+            "median / scheme 2 median; ratio_5_over_3 and ratio_5_over_5f likewise",
             "torch_num_threads": torch.get_num_threads(),
             "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
             "load_average_at_start": os.getloadavg(),
@@ -283,9 +294,10 @@ def table(payload: dict[str, Any]) -> str:
     """The results as a markdown table (median CPU seconds per engine step, scheme 2 / 1, 3 / 2 and 5 / 3, CPU and
     wall). Files written before scheme 3 or 5 have no values in their columns ("-")."""
     lines = [
-        "| shapes | method | entries | scheme 1 CPU s | scheme 2 CPU s | scheme 3 CPU s | scheme 5 CPU s | 2 / 1 (CPU) "
-        "| 3 / 2 (CPU) | 5 / 3 (CPU) | 2 / 1 (wall) | 3 / 2 (wall) | 5 / 3 (wall) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shapes | method | entries | scheme 1 CPU s | scheme 2 CPU s | scheme 3 CPU s | scheme 5 CPU s | scheme 5, "
+        "fill then op CPU s | 2 / 1 (CPU) | 3 / 2 (CPU) | 5 / 3 (CPU) | 5 / fill then op (CPU) | 2 / 1 (wall) "
+        "| 3 / 2 (wall) | 5 / 3 (wall) | 5 / fill then op (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(row: dict[str, Any], key: str, bold: bool = False, digits: int = 2) -> str:
@@ -298,10 +310,11 @@ def table(payload: dict[str, Any]) -> str:
             seconds = {k: v["cpu_seconds_median"] for k, v in row.items() if k.startswith("scheme")}
             lines.append(
                 f"| {name} | `{method}` | {row['entries'] / 1e6:.1f}M | "
-                + " | ".join(cell(seconds, f"scheme{s}", digits=3) for s in SCHEMES)
+                + " | ".join(cell(seconds, f"scheme{s}", digits=3) for s in CONFIGS)
                 + f" | {cell(row, 'ratio_cpu', True)} | {cell(row, 'ratio_3_over_2_cpu', True)} | "
-                f"{cell(row, 'ratio_5_over_3_cpu', True)} | {cell(row, 'ratio_wall')} | "
-                f"{cell(row, 'ratio_3_over_2_wall')} | {cell(row, 'ratio_5_over_3_wall')} |"
+                f"{cell(row, 'ratio_5_over_3_cpu', True)} | {cell(row, 'ratio_5_over_5f_cpu', True)} | "
+                f"{cell(row, 'ratio_wall')} | {cell(row, 'ratio_3_over_2_wall')} | {cell(row, 'ratio_5_over_3_wall')} | "
+                f"{cell(row, 'ratio_5_over_5f_wall')} |"
             )
     return "\n".join(lines)
 

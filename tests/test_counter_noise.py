@@ -157,12 +157,13 @@ def check_apply(dtype: torch.dtype, start: int, numel: int, threshold: float | N
         assert torch.equal(in_place, expected)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("optim", ["mezo", "masked"])
 @pytest.mark.parametrize("dtype", counter_noise.APPLY_DTYPES)
-def test_engine_steps_are_the_same_bits_with_z_applied_as_drawn(dtype, optim, monkeypatch):
+def test_engine_steps_are_the_same_bits_with_z_applied_as_drawn(dtype, optim, threads, monkeypatch):
     """Whole ZO steps under scheme 5 (tensors of whole and partial 64-entry groups, the row paths of the vocabulary
-    tensors, masks on every target): the weights after two steps, and both losses of each, are those of the fill
-    then torch ops, bit for bit."""
+    tensors, masks on every target), z applied as drawn on ``threads`` noise threads: the weights after two steps,
+    and both losses of each, are those of the fill then torch ops on one thread, bit for bit."""
     from conftest import make_tiny_llama
     from zo_trainer.engine import ZOEngine
     from zo_trainer.methods import MeZO
@@ -176,20 +177,24 @@ def test_engine_steps_are_the_same_bits_with_z_applied_as_drawn(dtype, optim, mo
         model = make_tiny_llama(333, dtype, hidden_size=40, intermediate_size=70, max_position_embeddings=32).eval()
         args = ZOTrainingArguments(output_dir="unused", optim="mezo", report_to="none", learning_rate=0.3, zo_eps=1e-2)
         method = MeZO(args)
-        engine = ZOEngine(method.targets(model), num_noise_threads=1)
+        engine = ZOEngine(method.targets(model), num_noise_threads=threads if as_drawn else 1)
         assert engine.noise_scheme == 5
         engine.ROW_CHUNK_BYTES = 4096  # The embedding and lm_head take the row paths.
+        engine.load_noise_config({**engine.noise_config(), "block": 1024})  # Several blocks per tensor: threads share
         if optim == "masked":
             engine.set_thresholds(0.5)
         if not as_drawn:
             monkeypatch.setattr(engine, "_applied_as_drawn", lambda tensor: False)
         assert all(engine._applied_as_drawn(t.get()) is as_drawn for t in engine.targets)
+        pools = []
+        monkeypatch.setattr(engine, "_pool", lambda pool=engine._pool, pools=pools: pools.append(1) or pool())
         optimizer = ZOOptimizer(engine, method, lr=args.learning_rate, num_perturbations=1, max_skipped_steps=3)
         losses = []
         for step in range(2):
             loss = lambda model=model: model(input_ids=ids, labels=ids).loss  # noqa: E731
             losses.append(zo_step(engine, optimizer, loss, eps=args.zo_eps, num_perturbations=1, seed=3, step=step))
             optimizer.step()
+        assert bool(pools) is (as_drawn and threads > 1)  # The chunks went to the noise threads.
         runs.append((losses, {k: v.clone() for k, v in model.state_dict().items()}))
     (losses, weights), (reference_losses, reference_weights) = runs
     assert repr(losses) == repr(reference_losses)

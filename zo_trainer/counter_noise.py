@@ -132,13 +132,11 @@ def counter_apply_(
         raise ValueError(f"out and weight differ: {out.dtype} {out.numel()} vs {weight.dtype} {weight.numel()}")
     masked = threshold is not None
     numel = out.numel()
-    scalar = torch.tensor(alpha, dtype=torch.float32)
     if out.dtype == torch.bfloat16 and not masked:
-        scalar = scalar.to(torch.bfloat16).float()
         # torch's bf16 add rounds otherwise on the entries after its last whole pair of vectors (64 entries): those
         # are left to torch itself.
         numel -= numel % 64
-    bound = float(torch.tensor(threshold, dtype=torch.float32).to(out.dtype).float()) if masked else 0.0
+    scalar, bound = _apply_scalars(alpha, threshold, out.dtype)
     count = _applies()[out.dtype](
         out.data_ptr(),
         weight.data_ptr(),
@@ -147,7 +145,7 @@ def counter_apply_(
         numel,
         key & MASK64,
         start,
-        float(scalar),
+        scalar,
         bound,
         int(masked),
         int(simd),
@@ -157,6 +155,18 @@ def counter_apply_(
         z = counter_normal_(torch.empty_like(tail_out), key, start + numel, pick_bits=8)
         torch.add(tail_weight, z, alpha=alpha, out=tail_out)
     return count
+
+
+@functools.lru_cache(maxsize=256)
+def _apply_scalars(alpha: float, threshold: float | None, dtype: torch.dtype) -> tuple[float, float]:
+    """``counter_apply_``'s alpha and threshold as torch's ops use them on a ``dtype`` tensor: alpha in fp32 (bf16
+    for a dense bf16 op, as torch's ``add`` rounds it), the threshold rounded to the dtype (0 where there is none).
+    Cached: one step's passes ask the same few values for every tensor."""
+    scalar = torch.tensor(alpha, dtype=torch.float32)
+    if dtype == torch.bfloat16 and threshold is None:
+        scalar = scalar.to(torch.bfloat16)
+    bound = 0.0 if threshold is None else float(torch.tensor(threshold, dtype=torch.float32).to(dtype))
+    return float(scalar), bound
 
 
 @functools.cache

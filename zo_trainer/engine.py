@@ -339,10 +339,19 @@ class ZOEngine:
             and not self._fused(tensor)
         )
 
+    # Scheme 5 on CPU applies z as it draws it (one C pass per chunk, the same bits as the fill then a torch op).
+    # ZO_TRAINER_APPLY_AS_DRAWN=0 keeps the fill then the op (timing comparisons).
+    APPLY_AS_DRAWN = os.environ.get("ZO_TRAINER_APPLY_AS_DRAWN", "1") != "0"
+
     def _applied_as_drawn(self, tensor: torch.Tensor) -> bool:
         """Whether scheme 5's z of a CPU chunk of ``tensor`` is applied as it is drawn, in one C pass
         (``counter_noise.counter_apply_``: the bits of the fill and the torch op it replaces, without writing z out)."""
-        return self.noise_scheme >= 5 and self.distribution == "gaussian" and counter_noise.apply_supported(tensor)
+        return (
+            self.APPLY_AS_DRAWN
+            and self.noise_scheme >= 5
+            and self.distribution == "gaussian"
+            and counter_noise.apply_supported(tensor)
+        )
 
     def _fused(self, tensor: torch.Tensor) -> bool:
         """Whether z of ``tensor`` is drawn inside the Triton kernels that apply it (schemes 4-5, Gaussian, CUDA)."""
@@ -387,7 +396,7 @@ class ZOEngine:
         block, numel = self.NOISE_BLOCK, tensor.numel()
         whole = numel // block  # Index of the partial last block, if any.
         blocks = range(-(-numel // block)) if blocks is None else blocks
-        runs = max(1, min(self._chunk_threads(), len(blocks)))
+        runs = max(1, min(self._chunk_threads(tensor), len(blocks)))
         bounds = [len(blocks) * i // runs for i in range(runs + 1)]
 
         def work(run: int) -> None:
@@ -429,7 +438,9 @@ class ZOEngine:
     # single-threaded in torch: they scale over the noise threads.
     CHEAP_DRAW_THREADS = 1
 
-    def _chunk_threads(self) -> int:
+    def _chunk_threads(self, tensor: torch.Tensor) -> int:
+        if self._applied_as_drawn(tensor):  # One C call per chunk that releases the GIL: the threads run in parallel.
+            return self.num_noise_threads
         cheap = self.distribution == "rademacher" or self.noise_scheme >= 3
         if cheap and self.CHEAP_DRAW_THREADS:
             return min(self.CHEAP_DRAW_THREADS, self.num_noise_threads)

@@ -152,7 +152,7 @@ def build_engine(model: ShapeModel, method: str, scheme: int | str) -> ZOEngine:
     engine = ZOEngine(method_targets(model, method))
     engine.load_noise_config({**engine.noise_config(), "scheme": 5 if scheme == FILL_THEN_OP else scheme})
     if scheme == FILL_THEN_OP:
-        engine._applied_as_drawn = lambda tensor: False
+        engine.APPLY_AS_DRAWN = False
     if method == "sparse_mezo":
         engine.set_thresholds(SPARSITY)
     return engine

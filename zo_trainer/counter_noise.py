@@ -170,8 +170,8 @@ def _apply_scalars(alpha: float, threshold: float | None, dtype: torch.dtype) ->
 
 
 @functools.cache
-def _applies() -> dict[torch.dtype, Callable[..., None]]:
-    library = ctypes.CDLL(importlib.import_module("zo_trainer._counter_noise").__file__)
+def _applies() -> dict[torch.dtype, Callable[..., int]]:
+    library = _library()
     applies = {}
     for dtype, width in ((torch.float32, 32), (torch.bfloat16, 16)):
         apply = getattr(library, f"zo_counter8_apply_{width}")
@@ -203,10 +203,7 @@ def counter_normal_reference(
 @functools.cache
 def simd_fill() -> bool:
     """Whether scheme 5's AVX-512 fill is built and runs on this CPU."""
-    if _fills() is None:
-        return False
-    extension = importlib.import_module("zo_trainer._counter_noise")
-    return bool(ctypes.CDLL(extension.__file__).zo_counter8_simd())
+    return _fills() is not None and bool(_library().zo_counter8_simd())
 
 
 def _signed(value: int) -> int:
@@ -217,12 +214,17 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     return x if bits == 0 else (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
+def _library() -> ctypes.CDLL:
+    """The C extension (``zo_trainer/_counter_noise.c``, built at install) as a ctypes library; ImportError where it
+    was not built."""
+    return ctypes.CDLL(importlib.import_module("zo_trainer._counter_noise").__file__)
+
+
 @functools.cache
 def _fills() -> dict[tuple[int, torch.dtype], Callable[..., None]] | None:
-    """The C fills by (pick bits, dtype) (``zo_trainer/_counter_noise.c``, built at install), or None where it was
-    not built."""
+    """The C fills by (pick bits, dtype), or None where the extension was not built."""
     try:
-        extension = importlib.import_module("zo_trainer._counter_noise")
+        library = _library()
     except ImportError:
         warnings.warn(
             "zo_trainer's C extension (_counter_noise) is not built: Gaussian z is drawn with torch ops instead (the "
@@ -230,7 +232,6 @@ def _fills() -> dict[tuple[int, torch.dtype], Callable[..., None]] | None:
             stacklevel=3,
         )
         return None
-    library = ctypes.CDLL(extension.__file__)
     fills = {}
     pointers, position = [ctypes.c_void_p, ctypes.c_void_p], [ctypes.c_int64, ctypes.c_uint64, ctypes.c_int64]
     for dtype, bits in _BITS.items():

@@ -157,13 +157,66 @@ def check_apply(dtype: torch.dtype, start: int, numel: int, threshold: float | N
         assert torch.equal(in_place, expected)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threshold", [None, 0.015])
+@pytest.mark.parametrize("dtype", counter_noise.APPLY_DTYPES)
+def test_apply_split_over_torchs_openmp_team_gives_the_same_bits(dtype, threshold):
+    """On Linux with torch's OpenMP backend (CI's), the C pass runs on torch's own OpenMP threads (the ones the
+    forward's matmuls use: threads of our own would share the cores with those threads' spinning) and, z of an entry
+    depending on its index alone, gives the bits of the pass on one thread: split at every size and offset, counts
+    included."""
+    assert counter_noise.team_available()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for start, numel in [(0, 64), (3, 8_191), (5, 100_003), (64, 1 << 16), ((1 << 33) + 3, 77_777)]:
+            weight = torch.randn(numel, generator=torch.Generator().manual_seed(numel)).mul_(0.02).to(dtype)
+            alone, split = torch.empty_like(weight), torch.empty_like(weight)
+            inside = counter_noise.counter_apply_(alone, weight, KEY, start, -3e-3, threshold, threads=1)
+            assert counter_noise.last_team_size() == 1
+            assert counter_noise.counter_apply_(split, weight, KEY, start, -3e-3, threshold, threads=2) == inside
+            assert counter_noise.last_team_size() == (2 if numel >= 8192 else 1)  # Short passes stay on one thread.
+            assert torch.equal(split, alone), (start, numel)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("where", ["one thread", "noise threads", "openmp team"])
 @pytest.mark.parametrize("optim", ["mezo", "masked"])
 @pytest.mark.parametrize("dtype", counter_noise.APPLY_DTYPES)
-def test_engine_steps_are_the_same_bits_with_z_applied_as_drawn(dtype, optim, threads, monkeypatch):
+def test_engine_steps_are_the_same_bits_with_z_applied_as_drawn(dtype, optim, where, monkeypatch):
     """Whole ZO steps under scheme 5 (tensors of whole and partial 64-entry groups, the row paths of the vocabulary
-    tensors, masks on every target), z applied as drawn on ``threads`` noise threads: the weights after two steps,
-    and both losses of each, are those of the fill then torch ops on one thread, bit for bit."""
+    tensors, masks on every target), z applied as drawn on one thread, on two noise threads, or on torch's OpenMP
+    team of two: the weights after two steps, and both losses of each, are those of the fill then torch ops, bit for
+    bit."""
+    ids = torch.randint(0, 333, (2, 9), generator=torch.Generator().manual_seed(1))
+    threads = 1 if where == "one thread" else 2
+    if where != "openmp team":
+        monkeypatch.setattr(counter_noise, "team_available", lambda: False)
+    teams = []
+    counter_apply = counter_noise.counter_apply_
+
+    def apply_and_note_team(*args, **kwargs):
+        count = counter_apply(*args, **kwargs)
+        teams.append(counter_noise.last_team_size())
+        return count
+
+    monkeypatch.setattr(counter_noise, "counter_apply_", apply_and_note_team)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = two_steps_each_way(dtype, optim, where, ids, monkeypatch)
+    finally:
+        torch.set_num_threads(previous)
+    assert (max(teams) == 2) is (where == "openmp team")  # The larger passes split over the team.
+    (losses, weights), (reference_losses, reference_weights) = runs
+    assert repr(losses) == repr(reference_losses)
+    for name, value in weights.items():
+        assert torch.equal(value, reference_weights[name]), name
+
+
+def two_steps_each_way(dtype, optim, where, ids, monkeypatch):
+    """(losses, weights) after two steps with z applied as drawn (``where``), then with the fill and torch ops. The
+    MLP's 8,400-entry matrices are passes long enough to split over a team."""
     from conftest import make_tiny_llama
     from zo_trainer.engine import ZOEngine
     from zo_trainer.methods import MeZO
@@ -171,13 +224,13 @@ def test_engine_steps_are_the_same_bits_with_z_applied_as_drawn(dtype, optim, th
     from zo_trainer.step import zo_step
     from zo_trainer.training_args import ZOTrainingArguments
 
-    ids = torch.randint(0, 333, (2, 9), generator=torch.Generator().manual_seed(1))
     runs = []
     for as_drawn in (True, False):
-        model = make_tiny_llama(333, dtype, hidden_size=40, intermediate_size=70, max_position_embeddings=32).eval()
+        model = make_tiny_llama(333, dtype, hidden_size=40, intermediate_size=210, max_position_embeddings=32).eval()
         args = ZOTrainingArguments(output_dir="unused", optim="mezo", report_to="none", learning_rate=0.3, zo_eps=1e-2)
         method = MeZO(args)
-        engine = ZOEngine(method.targets(model), num_noise_threads=threads if as_drawn else 1)
+        threads = 2 if as_drawn and where == "noise threads" else 1
+        engine = ZOEngine(method.targets(model), num_noise_threads=threads)
         assert engine.noise_scheme == 5
         engine.ROW_CHUNK_BYTES = 4096  # The embedding and lm_head take the row paths.
         engine.load_noise_config({**engine.noise_config(), "block": 1024})  # Several blocks per tensor: threads share
@@ -194,10 +247,7 @@ def test_engine_steps_are_the_same_bits_with_z_applied_as_drawn(dtype, optim, th
             loss = lambda model=model: model(input_ids=ids, labels=ids).loss  # noqa: E731
             losses.append(zo_step(engine, optimizer, loss, eps=args.zo_eps, num_perturbations=1, seed=3, step=step))
             optimizer.step()
-        assert bool(pools) is (as_drawn and threads > 1)  # The chunks went to the noise threads.
+        assert bool(pools) is (as_drawn and where == "noise threads")  # The chunks went to the noise threads.
         runs.append((losses, {k: v.clone() for k, v in model.state_dict().items()}))
-    (losses, weights), (reference_losses, reference_weights) = runs
-    assert repr(losses) == repr(reference_losses)
     assert any(t.numel % 64 for t in engine.targets)
-    for name, value in weights.items():
-        assert torch.equal(value, reference_weights[name]), name
+    return runs

@@ -292,6 +292,80 @@ EXPORT void zo_counter8_fill_64(uint64_t *out, const uint64_t *table, const uint
 APPLY8_ENTRY(zo_counter8_apply_32, float, apply8_32, apply8_simd_32)
 APPLY8_ENTRY(zo_counter8_apply_16, uint16_t, apply8_16, apply8_simd_16)
 
+/* Scheme 5's apply split over torch's own OpenMP team. The forward's matmuls run on that team, whose workers spin for
+ * a while after each op: a pass on threads of our own then shares the cores with them (measured: a 1B model's
+ * perturbed copies took twice as long inside the forward as alone). So the pass runs as a parallel region of the
+ * very runtime torch loaded, its entry points handed over by the caller (counter_noise._team): nothing here links an
+ * OpenMP runtime of its own. Each thread takes a run of whole 64-entry groups; z of an entry depends on its index
+ * alone, so the bits do not depend on the split. */
+typedef void (*parallel_fn)(void (*)(void *), void *, unsigned, unsigned); /* GOMP_parallel's ABI */
+static parallel_fn team_parallel = NULL;
+static int (*team_thread_num)(void) = NULL;
+static int (*team_size)(void) = NULL;
+static int team_last = 0; /* threads of the last team pass (diagnostics, tests) */
+
+EXPORT void zo_counter8_set_team(void *parallel, void *thread_num, void *num_threads) {
+    team_parallel = (parallel_fn)parallel;
+    team_thread_num = (int (*)(void))thread_num;
+    team_size = (int (*)(void))num_threads;
+}
+
+#define TEAM_MAX 256
+struct apply_job {
+    void *out;
+    const void *w;
+    const float *table;
+    const uint16_t *magnitudes;
+    int64_t n, start;
+    uint64_t key;
+    float alpha, threshold;
+    int masked, simd, width;
+    int64_t counts[TEAM_MAX];
+};
+
+static void apply_piece(void *data) {
+    struct apply_job *job = (struct apply_job *)data;
+    int size = team_size(), id = team_thread_num();
+    int64_t groups = job->n / 64;
+    int64_t lo = groups * id / size * 64, hi = id == size - 1 ? job->n : groups * (id + 1) / size * 64;
+    int64_t count = 0;
+    if (hi > lo && job->width == 32)
+        count = zo_counter8_apply_32((float *)job->out + lo, (const float *)job->w + lo, job->table, job->magnitudes,
+                                     hi - lo, job->key, job->start + lo, job->alpha, job->threshold, job->masked,
+                                     job->simd);
+    else if (hi > lo)
+        count = zo_counter8_apply_16((uint16_t *)job->out + lo, (const uint16_t *)job->w + lo, job->table,
+                                     job->magnitudes, hi - lo, job->key, job->start + lo, job->alpha, job->threshold,
+                                     job->masked, job->simd);
+    job->counts[id] = count;
+    if (id == 0) team_last = size;
+}
+
+/* zo_counter8_apply_{32,16} (width 32 or 16) on `threads` threads of the team; on the calling thread alone where no
+ * team was handed over or the pass is short. Returns the number of entries inside the mask. */
+EXPORT int64_t zo_counter8_apply_team(int width, void *out, const void *w, const float *table,
+                                      const uint16_t *magnitudes, int64_t n, uint64_t key, int64_t start, float alpha,
+                                      float threshold, int masked, int simd, int threads) {
+    if (threads > TEAM_MAX) threads = TEAM_MAX;
+    if (threads > n / 4096) threads = (int)(n / 4096); /* under ~4K entries per thread a region costs more than it saves */
+    if (!team_parallel || threads <= 1) {
+        team_last = 1;
+        if (width == 32)
+            return zo_counter8_apply_32((float *)out, (const float *)w, table, magnitudes, n, key, start, alpha,
+                                        threshold, masked, simd);
+        return zo_counter8_apply_16((uint16_t *)out, (const uint16_t *)w, table, magnitudes, n, key, start, alpha,
+                                    threshold, masked, simd);
+    }
+    struct apply_job job = {out, w, table, magnitudes, n, start, key, alpha, threshold, masked, simd, width, {0}};
+    team_parallel(apply_piece, &job, (unsigned)threads, 0);
+    int64_t count = 0;
+    for (int i = 0; i < threads; i++) count += job.counts[i];
+    return count;
+}
+
+/* How many threads the last pass split over the team ran on (1: on the calling thread alone). */
+EXPORT int zo_counter8_team_last(void) { return team_last; }
+
 /* Whether scheme 5's AVX-512 fill is built and this CPU runs it. */
 EXPORT int zo_counter8_simd(void) { return simd_usable(); }
 

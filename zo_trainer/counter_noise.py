@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib
+import os
 import warnings
 from collections.abc import Callable
 
@@ -117,6 +118,7 @@ def counter_apply_(
     alpha: float,
     threshold: float | None = None,
     simd: bool = True,
+    threads: int = 1,
 ) -> int:
     """``out := weight + alpha * z (* (|weight| <= threshold))`` with z entries ``start .. start + numel`` of scheme
     5's stream of ``key``, drawn as they are applied (one pass; ``out`` may be ``weight``: an update in place).
@@ -125,7 +127,8 @@ def counter_apply_(
     multiply-add in fp32; bf16 rounds alpha to bf16 first, as torch does), or with a threshold
     ``torch.addcmul(weight, z, mask, value=alpha)`` (the product rounded, then the sum) with ``mask = |weight| <=
     threshold``; ``tests/test_counter_noise.py`` checks both against torch. ``apply_supported`` tensors only. Returns
-    the number of entries inside the mask (0 without a threshold)."""
+    the number of entries inside the mask (0 without a threshold). ``threads`` > 1: the pass is split over that many
+    threads of torch's own OpenMP team where ``team_available()`` (the same bits), else it runs on this thread."""
     if out.numel() == 0:
         return 0
     if out.dtype != weight.dtype or out.numel() != weight.numel():
@@ -137,7 +140,8 @@ def counter_apply_(
         # are left to torch itself.
         numel -= numel % 64
     scalar, bound = _apply_scalars(alpha, threshold, out.dtype)
-    count = _applies()[out.dtype](
+    count = _applies()(
+        32 if out.dtype == torch.float32 else 16,
         out.data_ptr(),
         weight.data_ptr(),
         _table(torch.float32, 8).data_ptr(),
@@ -149,6 +153,7 @@ def counter_apply_(
         bound,
         int(masked),
         int(simd),
+        threads if team_available() else 1,
     )
     if numel < out.numel():
         tail_out, tail_weight = out.view(-1)[numel:], weight.view(-1)[numel:]
@@ -170,16 +175,48 @@ def _apply_scalars(alpha: float, threshold: float | None, dtype: torch.dtype) ->
 
 
 @functools.cache
-def _applies() -> dict[torch.dtype, Callable[..., int]]:
-    library = _library()
-    applies = {}
-    for dtype, width in ((torch.float32, 32), (torch.bfloat16, 16)):
-        apply = getattr(library, f"zo_counter8_apply_{width}")
-        apply.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_uint64, ctypes.c_int64]
-        apply.argtypes += [ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-        apply.restype = ctypes.c_int64
-        applies[dtype] = apply
-    return applies
+def _applies() -> Callable[..., int]:
+    """The C apply (``zo_counter8_apply_team``: width 32 or 16 first, the team's thread count last)."""
+    apply = _library().zo_counter8_apply_team
+    apply.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_uint64, ctypes.c_int64]
+    apply.argtypes += [ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    apply.restype = ctypes.c_int64
+    return apply
+
+
+def last_team_size() -> int:
+    """Threads the last ``counter_apply_`` pass ran on (1: the calling thread alone)."""
+    return int(_library().zo_counter8_team_last())
+
+
+# ZO_TRAINER_APPLY_TEAM=0: the C passes never run on torch's OpenMP team (timing comparisons).
+APPLY_TEAM = os.environ.get("ZO_TRAINER_APPLY_TEAM", "1") != "0"
+
+
+@functools.cache
+def team_available() -> bool:
+    """Whether ``counter_apply_`` can split its pass over torch's own OpenMP threads: torch's parallel backend is
+    OpenMP, the process has mapped exactly one OpenMP runtime, GNU's (torch's, on Linux), and it has GOMP_parallel.
+    Its entry points are handed to the C extension, which links no runtime of its own; elsewhere (no /proc, another
+    runtime beside it, another backend) the pass runs on the calling thread and the engine spreads chunks over its own
+    threads instead."""
+    if not APPLY_TEAM or _fills() is None or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if len(line.split()) >= 6}
+    except OSError:
+        return False
+    runtimes = {path for path in paths if os.path.basename(path).startswith(("libgomp", "libiomp", "libomp"))}
+    if len(runtimes) != 1 or not os.path.basename(next(iter(runtimes))).startswith("libgomp"):
+        return False
+    try:
+        runtime = ctypes.CDLL(next(iter(runtimes)))  # The loaded one: dlopen returns its handle.
+        entries = [runtime.GOMP_parallel, runtime.omp_get_thread_num, runtime.omp_get_num_threads]
+    except (OSError, AttributeError):
+        return False
+    _library().zo_counter8_set_team(*(ctypes.cast(entry, ctypes.c_void_p) for entry in entries))
+    return True
 
 
 def counter_normal_reference(

@@ -439,12 +439,19 @@ class ZOEngine:
     CHEAP_DRAW_THREADS = 1
 
     def _chunk_threads(self, tensor: torch.Tensor) -> int:
-        if self._applied_as_drawn(tensor):  # One C call per chunk that releases the GIL: the threads run in parallel.
-            return self.num_noise_threads
+        if self._applied_as_drawn(tensor):
+            # One C call per chunk: split over torch's own OpenMP threads where it can be (``_team_threads``), else
+            # the chunks spread over the noise threads (the C call releases the GIL).
+            return 1 if counter_noise.team_available() else self.num_noise_threads
         cheap = self.distribution == "rademacher" or self.noise_scheme >= 3
         if cheap and self.CHEAP_DRAW_THREADS:
             return min(self.CHEAP_DRAW_THREADS, self.num_noise_threads)
         return self.num_noise_threads
+
+    @staticmethod
+    def _team_threads() -> int:
+        """Threads of torch's OpenMP team a C pass runs on: the forward's own (``counter_noise.team_available``)."""
+        return torch.get_num_threads()
 
     def _block_noise(self, seed: int, start: int, out: torch.Tensor, slot: int) -> torch.Tensor:
         """z of the block that starts at flat offset ``start`` of a tensor whose stream seed is ``seed``."""
@@ -637,8 +644,16 @@ class ZOEngine:
                 target, seed, start, flat_original[start:stop], flat_out[start:stop], signed_eps, slot
             )
 
-        self._for_each_chunk(flat_out, chunk)
+        if self._one_team_pass(original):
+            chunk(0, original.numel(), 0)
+        else:
+            self._for_each_chunk(flat_out, chunk)
         return out
+
+    def _one_team_pass(self, tensor: torch.Tensor) -> bool:
+        """Whether a whole-tensor pass is one C call split over torch's OpenMP team: z applied as drawn writes no
+        scratch, so nothing asks for chunks (one parallel region per tensor, not per chunk)."""
+        return self._applied_as_drawn(tensor) and counter_noise.team_available()
 
     def _perturbed_chunk(
         self,
@@ -654,7 +669,9 @@ class ZOEngine:
         ``out``: under scheme 5 on CPU one pass that applies z as it draws it; else z drawn into ``out``, then a torch
         op (``_perturb_chunk``). The same bits either way."""
         if self._applied_as_drawn(values):
-            counter_noise.counter_apply_(out, values, seed, start, signed_eps, target.threshold)
+            counter_noise.counter_apply_(
+                out, values, seed, start, signed_eps, target.threshold, threads=self._team_threads()
+            )
             return out
         return self._perturb_chunk(target, values, self._chunk_noise(seed, start, out, slot), signed_eps, slot)
 
@@ -912,7 +929,9 @@ class ZOEngine:
             if as_drawn:
                 values = flat[start:stop]
                 for seed, coefficient in live:
-                    count = counter_noise.counter_apply_(values, values, seed, start, -coefficient, target.threshold)
+                    count = counter_noise.counter_apply_(
+                        values, values, seed, start, -coefficient, target.threshold, threads=self._team_threads()
+                    )
                     if target.threshold is not None:
                         counts[slot].append(torch.tensor(float(count), dtype=torch.float64))
                 if target.min_value is not None:
@@ -943,7 +962,10 @@ class ZOEngine:
             if target.min_value is not None:
                 values.clamp_(min=target.min_value)
 
-        self._for_each_chunk(flat, chunk)
+        if as_drawn and self._one_team_pass(tensor):
+            chunk(0, tensor.numel(), 0)
+        else:
+            self._for_each_chunk(flat, chunk)
         if target.threshold is None:
             return None
         found = [count for per_slot in counts for count in per_slot]

@@ -85,6 +85,8 @@ def test_speed_quick(out, tmp_path):
         "sparse_mezo_rademacher",
         "mezo_scheme4",
         "sparse_mezo_scheme4",
+        "mezo_noise_threads",
+        "sparse_mezo_noise_threads",
         "mezo_reference_inplace",
         "qzo_gptq",
         "qzo_nf4",
@@ -96,6 +98,7 @@ def test_speed_quick(out, tmp_path):
     assert _finite(payload["reference_over_ours_mezo"])
     assert all(_finite(payload[f"rademacher_over_gaussian_{name}"]) for name in ("mezo", "sparse_mezo"))
     assert all(_finite(payload[f"scheme4_over_scheme5_{name}"]) for name in ("mezo", "sparse_mezo"))
+    assert all(_finite(payload[f"noise_threads_over_openmp_team_{name}"]) for name in ("mezo", "sparse_mezo"))
     teams = payload["two_forwards_beside_idle_openmp_teams"]  # the same floor beside idle OpenMP teams, same rounds
     assert len(teams["seconds_all"]) == payload["setup"]["repeats"] and _finite(teams["over_plain_two_forwards"])
     # zo-bench report prints the Rademacher rows and their ratio to the Gaussian steps; and still reads a speed.json
@@ -109,12 +112,16 @@ def test_speed_quick(out, tmp_path):
     assert "mezo step with Rademacher z / with Gaussian z" in text
     assert "| mezo_scheme4 | fp32 | " in text and "mezo step with z scheme 4's Gaussian / with scheme 5's" in text
     assert re.search(r"\| mezo_scheme4 \| fp32 \| .* \| \(baseline\) \|", text)
+    assert re.search(r"\| mezo_noise_threads \| fp32 \| .* \| \(baseline\) \|", text)
+    assert "mezo step with the C passes on noise threads / on torch's OpenMP team, same rounds: " in text
     assert "two forwards beside two idle OpenMP teams / plain two forwards (same rounds): " in text
     (tmp_path / "old").mkdir()
     committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed.json"
     older = json.loads(committed.read_text())
-    older["results"] = {k: v for k, v in older["results"].items() if "rademacher" not in k and "_scheme" not in k}
-    dropped = ("rademacher_over", "two_forwards_beside", "scheme")
+    older["results"] = {
+        k: v for k, v in older["results"].items() if "rademacher" not in k and "_scheme" not in k and "threads" not in k
+    }
+    dropped = ("rademacher_over", "two_forwards_beside", "scheme", "noise_threads")
     older = {k: v for k, v in older.items() if not k.startswith(dropped)}
     (tmp_path / "old" / "speed.json").write_text(json.dumps(older))
     text = report(tmp_path / "old")

@@ -158,6 +158,8 @@ class ZOEngine:
         self._active: tuple[int, float] | None = None  # (step seed, signed eps) while perturbed.
         self._swapped: dict[int, torch.Tensor] = {}  # target index -> original tensor
         self.row_blocked = self.ROW_BLOCKED
+        # Scheme 5's C passes on torch's own OpenMP team (``counter_noise.team_available``), else on the noise threads.
+        self.on_openmp_team = counter_noise.team_available()
         self._row_pending: dict[nn.Module, tuple[ZOTarget, str]] = {}  # module -> (target, kind) until its output
         # The vocab projection is told apart from other Linears by its row count: that of an embedding target.
         self._vocab_sizes = {m.num_embeddings for m in self._by_module if isinstance(m, nn.Embedding)}
@@ -442,16 +444,15 @@ class ZOEngine:
         if self._applied_as_drawn(tensor):
             # One C call per chunk: split over torch's own OpenMP threads where it can be (``_team_threads``), else
             # the chunks spread over the noise threads (the C call releases the GIL).
-            return 1 if counter_noise.team_available() else self.num_noise_threads
+            return 1 if self.on_openmp_team else self.num_noise_threads
         cheap = self.distribution == "rademacher" or self.noise_scheme >= 3
         if cheap and self.CHEAP_DRAW_THREADS:
             return min(self.CHEAP_DRAW_THREADS, self.num_noise_threads)
         return self.num_noise_threads
 
-    @staticmethod
-    def _team_threads() -> int:
+    def _team_threads(self) -> int:
         """Threads of torch's OpenMP team a C pass runs on: the forward's own (``counter_noise.team_available``)."""
-        return torch.get_num_threads()
+        return torch.get_num_threads() if self.on_openmp_team else 1
 
     def _block_noise(self, seed: int, start: int, out: torch.Tensor, slot: int) -> torch.Tensor:
         """z of the block that starts at flat offset ``start`` of a tensor whose stream seed is ``seed``."""
@@ -653,7 +654,7 @@ class ZOEngine:
     def _one_team_pass(self, tensor: torch.Tensor) -> bool:
         """Whether a whole-tensor pass is one C call split over torch's OpenMP team: z applied as drawn writes no
         scratch, so nothing asks for chunks (one parallel region per tensor, not per chunk)."""
-        return self._applied_as_drawn(tensor) and counter_noise.team_available()
+        return self._applied_as_drawn(tensor) and self.on_openmp_team
 
     def _perturbed_chunk(
         self,

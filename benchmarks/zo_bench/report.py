@@ -76,7 +76,8 @@ def report(out: Path) -> str:
             "|---|---|---|---|---|",
         ]
         for k, v in speed["results"].items():
-            goal = "(baseline)" if k == "mezo_reference_inplace" or re.search(r"_scheme\d+$", k) else "<= 1.15"
+            baseline = k == "mezo_reference_inplace" or re.search(r"_scheme\d+$|_noise_threads$", k)
+            goal = "(baseline)" if baseline else "<= 1.15"
             lines.append(
                 f"| {k} | {v['model']} | {v['ratio_step_over_two_forwards']:.3f} | {v['ratio_median_of_rounds']:.3f} | {goal} |"
             )
@@ -96,6 +97,11 @@ def report(out: Path) -> str:
                         f"\n{name} step with z scheme {before}'s Gaussian / with scheme {after}'s, same rounds: "
                         f"{value:.3f}"
                     )
+            if f"noise_threads_over_openmp_team_{name}" in speed:  # Absent before session 13.
+                lines.append(
+                    f"\n{name} step with the C passes on noise threads / on torch's OpenMP team, same rounds: "
+                    f"{speed[f'noise_threads_over_openmp_team_{name}']:.3f}"
+                )
         teams = speed.get("two_forwards_beside_idle_openmp_teams")  # Absent before f04e029's suite.
         if teams:
             lines.append(

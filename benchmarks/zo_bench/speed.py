@@ -83,6 +83,13 @@ def run_speed(
             "fp32",
             ZOStepper(m, "sparse_mezo", noise_scheme=BEFORE_SCHEME, zo_sparsity=0.8).step,
         )
+        # Scheme 5's C passes on the engine's noise threads instead of torch's OpenMP team (the engine before
+        # session 13), in the same rounds.
+        configs["mezo_noise_threads"] = ("fp32", ZOStepper(m, "mezo", openmp_team=False).step)
+        configs["sparse_mezo_noise_threads"] = (
+            "fp32",
+            ZOStepper(m, "sparse_mezo", openmp_team=False, zo_sparsity=0.8).step,
+        )
         configs["mezo_reference_inplace"] = ("fp32", MeZOReferenceBaseline(m).step)
     if "gptq" in models:
         configs["qzo_gptq"] = ("gptq", ZOStepper(models["gptq"], "qzo").step)
@@ -198,7 +205,8 @@ def _speed_payload(
             "noise": f"z ~ N(0, 1) (the default; z scheme {ZOEngine.NOISE_SCHEME}: 8-bit picks of 256 quantiles from a "
             "counter-based stream) except in the *_rademacher rows: z entries +-1 (--zo_noise rademacher), and the "
             f"*_scheme{BEFORE_SCHEME} rows: N(0, 1) as z scheme {BEFORE_SCHEME} drew it (16-bit picks of 65,536 "
-            "quantiles, how runs before the default drew z)",
+            "quantiles, how runs before the default drew z); *_noise_threads rows: scheme 5's C passes on the "
+            "engine's noise threads, not torch's OpenMP team (the engine before session 13)",
             "statistic": "median step time / median floor time over the timed rounds; each round runs every floor and "
             "step once in a shuffled order; round 0 (warm-up) discarded",
             "param_counts": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
@@ -219,6 +227,11 @@ def _speed_payload(
         if f"{name}_scheme{BEFORE_SCHEME}" in results and name in results:
             payload[f"scheme{BEFORE_SCHEME}_over_scheme{ZOEngine.NOISE_SCHEME}_{name}"] = (
                 results[f"{name}_scheme{BEFORE_SCHEME}"]["step_seconds_median"] / results[name]["step_seconds_median"]
+            )
+    for name in ("mezo", "sparse_mezo"):  # Step time with the C passes on noise threads / on torch's team.
+        if f"{name}_noise_threads" in results and name in results:
+            payload[f"noise_threads_over_openmp_team_{name}"] = (
+                results[f"{name}_noise_threads"]["step_seconds_median"] / results[name]["step_seconds_median"]
             )
     return payload
 

@@ -30,8 +30,11 @@ class ZOStepper:
 
     num_perturbations = 1
 
-    def __init__(self, model, optim: str, noise_scheme: int | None = None, **args_overrides):
-        """``noise_scheme``: draw z as that z scheme does (default: the engine's, as new runs do)."""
+    def __init__(
+        self, model, optim: str, noise_scheme: int | None = None, openmp_team: bool | None = None, **args_overrides
+    ):
+        """``noise_scheme``: draw z as that z scheme does (default: the engine's, as new runs do); ``openmp_team``:
+        False runs scheme 5's C passes on the engine's noise threads, not torch's OpenMP team (the before of it)."""
         self.args = zo_args(optim, **args_overrides)
         self.model = model
         self.method = get_method(optim)(self.args)
@@ -42,6 +45,8 @@ class ZOStepper:
             p.requires_grad_(False)
         self.engine = ZOEngine(targets, distribution=self.args.zo_noise)
         self.engine.noise_scheme = noise_scheme or self.engine.noise_scheme
+        if openmp_team is not None:
+            self.engine.on_openmp_team = openmp_team and self.engine.on_openmp_team
         if self.method.sparsity > 0:
             self.engine.set_thresholds(self.method.sparsity, select=self.method.is_sparsified)
         self.optimizer = ZOOptimizer(

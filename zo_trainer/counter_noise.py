@@ -14,7 +14,9 @@ N(0, 1) at (k + 1/2) / 256, rescaled to unit variance and rounded to bf16 (|z| <
 and fp16 z are the same numbers. Its 128 magnitudes (the top bit is the sign) fit in four AVX-512 registers: a lookup
 is two permutes and a select per 32 entries, with no memory access, and half the words to mix: ~0.2 ns per entry
 against scheme 3's ~0.7 on this project's CPU (README). ZO-SGD needs only E[z z^T] = I of z; Rademacher (two values)
-trains too. Where AVX-512 is missing, a portable C loop gives the same bits (several times slower).
+trains too. Where AVX-512 is missing, a portable C loop gives the same bits (several times slower). Scheme 5's apply
+(``counter_apply_``: ``w + alpha * z`` in one pass, z never written out) splits a pass over torch's own OpenMP threads
+(``team_available``): threads of our own would share the cores with the forward's spinning OpenMP workers.
 
 ``counter_normal_reference`` computes the same bits with torch integer ops: the fallback where the extension was not
 built (~10 ns per entry) and the reference the tests check the C fill against.

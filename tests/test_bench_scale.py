@@ -210,6 +210,33 @@ def test_fp16_points_build_an_fp16_model():
 
 
 @NEED_DEPS
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+def test_nf4_fp16_is_kept_in_fp16_on_a_gpu_only(device):
+    """``nf4_fp16`` builds NF4 layers computing in fp16 and an fp16 rest; ``BnbNF4Backend.prepare`` keeps that on CUDA
+    (absmax still the fp32 master) and takes it to the fp32 path on the CPU; a CPU run skips the point."""
+    import bitsandbytes as bnb
+
+    from zo_trainer.quant.bnb import fp16_on_cuda
+
+    model = bench_scale.build_model(bench_scale.SCALE_SHAPES["tiny"], "nf4_fp16", device=device)
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(m.quant_state.absmax.dtype == torch.float32 for m in quantized)
+    rest = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if device == "cuda":
+        assert all(fp16_on_cuda(m) and m.weight.quant_state.dtype == torch.float16 for m in quantized)
+        assert rest == {torch.float16}
+        ids = torch.randint(3, 64, (1, 8), device=device)
+        assert model(input_ids=ids).logits.dtype == torch.float16
+    else:
+        assert not any(fp16_on_cuda(m) for m in quantized)
+        assert all(m.compute_dtype == torch.float32 for m in quantized) and rest == {torch.float32}
+    assert "qzo_nf4_fp16" not in bench_scale.QUICK_POINTS["cpu"] and "qzo_nf4_fp16" in bench_scale.QUICK_POINTS["cuda"]
+    assert "GPU" in bench_scale._skip_reason("nf4_fp16", 100, "cpu") and not bench_scale._skip_reason(
+        "nf4_fp16", 100, "cuda"
+    )
+
+
+@NEED_DEPS
 def test_adamw_amp_point_is_hf_bf16_mixed_precision_through_the_console_script(tmp_path):
     """``adamw_amp`` = ``TrainingArguments(bf16=True)``: the fp32 model as loaded, fp32 grads and AdamW moments (held
     at the step's peak), matmuls under bf16 autocast, fused AdamW; larger sizes computed from it, labelled so."""

@@ -72,9 +72,13 @@ POINTS: dict[str, tuple[str, str]] = {
     "inference_fp16": ("fp16", "inference"),
     "mezo_fp16": ("fp16", "mezo"),
     "sparse_mezo_fp16": ("fp16", "sparse_mezo"),
+    # NF4 as a GPU runs it: fp16 compute, norms, embeddings and head (``BnbNF4Backend`` keeps fp16 on CUDA).
+    "inference_nf4_fp16": ("nf4_fp16", "inference"),
+    "qzo_nf4_fp16": ("nf4_fp16", "qzo"),
 }
-# --quick's default points: the CPU runs all but fp16 (a GPU format); CUDA runs all.
-QUICK_POINTS = {"cpu": [p for p in POINTS if POINTS[p][0] != "fp16"], "cuda": list(POINTS)}
+GPU_WEIGHTS = ("fp16", "nf4_fp16")
+# --quick's default points: the CPU runs all but the GPU formats; CUDA runs all.
+QUICK_POINTS = {"cpu": [p for p in POINTS if POINTS[p][0] not in GPU_WEIGHTS], "cuda": list(POINTS)}
 # The step's peak memory a point is judged by: process RSS on the CPU, the allocator's peak on CUDA.
 PEAK_KEY = {"cpu": "step_peak_rss_bytes", "cuda": "step_peak_cuda_allocated_bytes"}
 # What the process held before building (imports on the CPU; nothing on a fresh GPU): the computed rows' fixed part.
@@ -452,6 +456,7 @@ def derive_ratios_and_goals(payload: dict[str, Any]) -> None:
         r: dict[str, Any] = {}
         for weights, zo_points in (
             ("nf4", ["qzo_nf4"]),
+            ("nf4_fp16", ["qzo_nf4_fp16"]),
             ("gptq", ["qzo_gptq"]),
             ("bf16", ["mezo_bf16", "sparse_mezo_bf16"]),
             ("fp16", ["mezo_fp16", "sparse_mezo_fp16"]),
@@ -587,7 +592,7 @@ def _goals_cuda(ratios: dict[str, dict[str, Any]], peak, any_peak, stored_bytes)
     """Issue 11's GPU goals: peak = torch.cuda.max_memory_allocated during the step."""
     goals = []
     for goal, size, points, limit in (
-        ("7b qzo int4 peak GPU memory <= 5 GB", "7b", ("qzo_nf4", "qzo_gptq"), 5.0),
+        ("7b qzo int4 peak GPU memory <= 5 GB", "7b", ("qzo_nf4", "qzo_nf4_fp16", "qzo_gptq"), 5.0),
         ("7b mezo fp16 peak GPU memory <= 14.5 GB (QZO paper's MeZO figure)", "7b", ("mezo_fp16",), 14.5),
     ):
         options = [(peak(size, p), p) for p in points if peak(size, p)]
@@ -737,7 +742,7 @@ def plot_scale(path: Path, payload: dict[str, Any]) -> None:
         if not measured and not computed:
             continue
         style = ":" if point.startswith("inference") else "-"
-        marker = {"nf4": "o", "gptq": "s", "bf16": "^", "fp16": "v", "fp32": "D"}[POINTS[point][0]]
+        marker = {"nf4": "o", "nf4_fp16": "p", "gptq": "s", "bf16": "^", "fp16": "v", "fp32": "D"}[POINTS[point][0]]
         if measured:
             (line,) = ax.plot(*zip(*measured), marker=marker, ls=style, label=point)
         else:
@@ -841,7 +846,7 @@ def run_scale(
             key = _point_key(size, point)
             log_line(f"scale {key} on {device} ...")
             left = end - time.monotonic() if end else timeout
-            skip = _skip_reason(weights, left)
+            skip = _skip_reason(weights, left, device)
             if skip:
                 log_line(f"  skipped: {skip}")
                 if key not in payload["points"] or "skipped" in payload["points"][key]:  # never hide a measured row
@@ -867,10 +872,13 @@ def run_scale(
     return payload
 
 
-def _skip_reason(weights: str, seconds_left: float) -> str | None:
-    """Why a point is not run: its weights need a package this environment lacks, or the run's deadline passed."""
+def _skip_reason(weights: str, seconds_left: float, device: str = "cpu") -> str | None:
+    """Why a point is not run: its weights need a package this environment lacks or a GPU, or the run's deadline
+    passed."""
     if weights == "gptq" and importlib.util.find_spec("gptqmodel") is None:
         return "gptqmodel is not installed"
+    if weights == "nf4_fp16" and device == "cpu":
+        return "nf4_fp16 is NF4 as a GPU runs it (on the CPU QZO computes NF4 in fp32: the point *_nf4)"
     if seconds_left < 5:
         return "the run's --deadline was reached before this point"
     return None

@@ -90,17 +90,20 @@ def param_count(shape: dict[str, int]) -> int:
 # =====================================================================================================
 # building (meta device, then one module at a time)
 # =====================================================================================================
-def _nf4_linear(linear: nn.Linear, init: str, generator: torch.Generator, device: torch.device) -> nn.Module:
+def _nf4_linear(
+    linear: nn.Linear, init: str, generator: torch.Generator, device: torch.device, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState, get_4bit_type, quantize_4bit
 
     out_f, in_f = linear.out_features, linear.in_features
     layer = bnb.nn.Linear4bit(
-        in_f, out_f, bias=False, compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4", device="meta"
+        in_f, out_f, bias=False, compute_dtype=dtype, compress_statistics=False, quant_type="nf4", device="meta"
     )
     if init == "quantize":
         weight = torch.empty(out_f, in_f, device=device).normal_(0.0, 0.02, generator=generator)
         packed, state = quantize_4bit(weight, blocksize=NF4_BLOCKSIZE, compress_statistics=False, quant_type="nf4")
+        state.dtype = dtype
         del weight
     else:  # the same tensors as quantize_4bit returns, with random codes and block maxima of N(0, 0.02)
         numel = out_f * in_f
@@ -112,7 +115,7 @@ def _nf4_linear(linear: nn.Linear, init: str, generator: torch.Generator, device
             code=get_4bit_type("nf4", device=device),
             blocksize=NF4_BLOCKSIZE,
             quant_type="nf4",
-            dtype=torch.float32,
+            dtype=dtype,
         )
     layer.weight = bnb.nn.Params4bit(
         packed,
@@ -157,6 +160,7 @@ def _gptq_linear(linear: nn.Linear, generator: torch.Generator, device: torch.de
 
 
 DENSE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INT4_DTYPES = {"nf4_fp16": torch.float16}  # Compute and rest in fp16 (a GPU's NF4); other int4 weights: fp32.
 
 
 def build_model(
@@ -167,7 +171,8 @@ def build_model(
     device: torch.device | str = "cpu",
 ) -> nn.Module:
     """A random Llama of ``shape`` on ``device``: ``weights`` = bf16 | fp16 | fp32 (dense; fp32 = a model loaded as
-    Hugging Face loads it by default, the master weights of mixed precision) | nf4 | gptq (int4 projections, fp32 rest).
+    Hugging Face loads it by default, the master weights of mixed precision) | nf4 | gptq (int4 projections, fp32 rest)
+    | nf4_fp16 (NF4 projections computing in fp16, fp16 rest: how a GPU runs NF4; CUDA).
 
     Built on the meta device; each module is then materialised on its own directly on ``device`` (an int4
     projection straight into its 4-bit layer), so the peak while building is the model plus one projection.
@@ -178,7 +183,7 @@ def build_model(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = DENSE_DTYPES.get(weights, torch.float32)
+    dtype = DENSE_DTYPES.get(weights, INT4_DTYPES.get(weights, torch.float32))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     generator = torch.Generator(device=device).manual_seed(seed)  # random values drawn where they live
@@ -186,9 +191,9 @@ def build_model(
     lm_head = model.get_output_embeddings()
     for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
-        if isinstance(module, nn.Linear) and module is not lm_head and weights in ("nf4", "gptq"):
-            if weights == "nf4":
-                layer = _nf4_linear(module, nf4_init, generator, device)
+        if isinstance(module, nn.Linear) and module is not lm_head and weights in ("nf4", "nf4_fp16", "gptq"):
+            if weights != "gptq":
+                layer = _nf4_linear(module, nf4_init, generator, device, dtype)
             else:
                 layer = _gptq_linear(module, cpu_generator, device)
             setattr(model.get_submodule(parent_name), child, layer)
@@ -208,7 +213,7 @@ def build_model(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"tensors still on the meta device after building: {left[:5]}")
-    if weights in ("nf4", "gptq"):
+    if weights in ("nf4", "nf4_fp16", "gptq"):
         from zo_trainer.quant import get_backend
 
         get_backend(model).prepare(model)  # what load_quantized does: fp32 dequant path, fp32 master scales

@@ -11,6 +11,11 @@ fp32 path.  ``prepare`` forces that path:
   * ``absmax`` -> a plain fp32 master tensor (not an inference tensor);
   * a layer already repacked for the CPU kernel is unpacked back (its absmax was rounded to bf16).
 
+On CUDA a model whose 4-bit layers all compute in fp16 keeps fp16 (compute, norms, embeddings, head): the path
+Hugging Face loads for GPU inference, about half the memory of its fp32 rest, GPU kernels that round alike on every
+call, and fp16's 11-bit significand (bf16 has 8: it is upcast like on the CPU). ``absmax`` still becomes the fp32
+master the kernels read.
+
 Double-quantized absmax (``bnb_4bit_use_double_quant=True``: uint8 codes + a second-level state) is
 rejected with a ValueError: reload with ``bnb_4bit_use_double_quant=False``.
 """
@@ -25,7 +30,7 @@ from .base import QuantBackend, ScaleTensor, as_fp32_master
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BnbNF4Backend", "is_bnb_4bit_module", "keep_fp32_cpu_path", "nf4_config"]
+__all__ = ["BnbNF4Backend", "fp16_on_cuda", "is_bnb_4bit_module", "keep_fp32_cpu_path", "nf4_config"]
 
 
 def is_bnb_4bit_module(module: torch.nn.Module) -> bool:
@@ -34,6 +39,11 @@ def is_bnb_4bit_module(module: torch.nn.Module) -> bool:
         return False
     w = getattr(module, "weight", None)
     return type(w).__name__ == "Params4bit" or (type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"))
+
+
+def fp16_on_cuda(module: torch.nn.Module) -> bool:
+    """Whether a 4-bit layer computes in fp16 on a GPU (``prepare`` keeps such a model in fp16)."""
+    return module.weight.device.type == "cuda" and getattr(module, "compute_dtype", None) == torch.float16
 
 
 def _qs(module):
@@ -129,6 +139,7 @@ class BnbNF4Backend(QuantBackend):
                     "bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=torch.float32) "
                     "(= zo_trainer.quant.load_quantized(path, 'nf4') / --quantization nf4)."
                 )
+        keep_fp16 = all(fp16_on_cuda(m) for _, m in mods)
         for name, m in mods:
             qs = _qs(m)
             if getattr(qs, "packing_format_for_cpu", False):
@@ -148,13 +159,17 @@ class BnbNF4Backend(QuantBackend):
                 logger.warning("%s: unpacked a CPU-repacked NF4 weight (absmax had been rounded to bf16)", name)
                 qs = _qs(m)
             m.support_avx512bf16_for_cpu = False
+            qs.absmax = as_fp32_master(qs.absmax)
+            if keep_fp16:
+                continue
             m.compute_dtype = torch.float32
             m.compute_type_is_set = True
-            qs.absmax = as_fp32_master(qs.absmax)
             if qs.dtype is not None and qs.dtype != torch.float32:
                 qs.dtype = torch.float32  # dtype of the dequantized weight
             if m.bias is not None and m.bias.dtype != torch.float32:
                 m.bias.data = m.bias.data.float()
+        if keep_fp16:
+            return
         # Non-quantized floating params (embeddings, norms, lm_head) -> fp32.
         for mod in model.modules():
             if is_bnb_4bit_module(mod):

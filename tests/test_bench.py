@@ -91,9 +91,16 @@ def test_speed_quick(out, tmp_path):
         "qzo_gptq",
         "qzo_nf4",
     }
-    for row in results.values():
+    for name, row in results.items():
         assert _finite(row["ratio_step_over_two_forwards"]) and _finite(row["two_forwards_seconds_median"])
         assert len(row["step_seconds_all"]) == payload["setup"]["repeats"]
+        if name == "mezo_reference_inplace":  # Not our engine: no engine time.
+            assert "engine_seconds_all" not in row
+            continue
+        # Time inside the engine is part of each step's time, and more than nothing (it perturbs and updates).
+        assert len(row["engine_seconds_all"]) == len(row["step_seconds_all"])
+        assert all(0 < e < s for e, s in zip(row["engine_seconds_all"], row["step_seconds_all"])), name
+        assert 0 < row["engine_over_two_forwards"] < row["step_seconds_median"] / row["two_forwards_seconds_median"]
     assert set(payload["goals"]) == {f"{m}_ratio_le_1.15" for m in ("mezo", "sparse_mezo", "qzo_gptq", "qzo_nf4")}
     assert _finite(payload["reference_over_ours_mezo"])
     assert all(_finite(payload[f"rademacher_over_gaussian_{name}"]) for name in ("mezo", "sparse_mezo"))
@@ -109,6 +116,8 @@ def test_speed_quick(out, tmp_path):
     (tmp_path / "new" / "speed.json").write_text((out / "speed_quick.json").read_text())
     text = report(tmp_path / "new")
     assert "| mezo_rademacher | fp32 |" in text and "| sparse_mezo_rademacher | fp32 |" in text
+    engine_share = payload["results"]["mezo"]["engine_over_two_forwards"]
+    assert "engine / two forwards" in text and f" | {engine_share:.3f} | <= 1.15 |" in text
     assert "mezo step with Rademacher z / with Gaussian z" in text
     assert "| mezo_scheme4 | fp32 | " in text and "mezo step with z scheme 4's Gaussian / with scheme 5's" in text
     assert re.search(r"\| mezo_scheme4 \| fp32 \| .* \| \(baseline\) \|", text)

@@ -72,14 +72,17 @@ def report(out: Path) -> str:
             "",
             f"Speed (batch {st['batch_rows']} x {st['batch_tokens']} tokens, {st['repeats']} interleaved rounds, median):",
             "",
-            "| configuration | model | ZO step / two plain forwards | median of per-round ratios | goal |",
-            "|---|---|---|---|---|",
+            "| configuration | model | ZO step / two plain forwards | median of per-round ratios | engine / two forwards "
+            "| goal |",
+            "|---|---|---|---|---|---|",
         ]
         for k, v in speed["results"].items():
             baseline = k == "mezo_reference_inplace" or re.search(r"_scheme\d+$|_noise_threads$", k)
             goal = "(baseline)" if baseline else "<= 1.15"
+            engine = f"{v['engine_over_two_forwards']:.3f}" if "engine_over_two_forwards" in v else ""  # session 14+
             lines.append(
-                f"| {k} | {v['model']} | {v['ratio_step_over_two_forwards']:.3f} | {v['ratio_median_of_rounds']:.3f} | {goal} |"
+                f"| {k} | {v['model']} | {v['ratio_step_over_two_forwards']:.3f} | {v['ratio_median_of_rounds']:.3f} "
+                f"| {engine} | {goal} |"
             )
         if "reference_over_ours_mezo" in speed:
             lines.append(f"\nReference in-place MeZO step / our MeZO step: {speed['reference_over_ours_mezo']:.2f}x")

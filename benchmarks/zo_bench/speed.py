@@ -102,6 +102,9 @@ def run_speed(
     floors: dict[str, list[float]] = {k: [] for k in models}
     steps: dict[str, list[float]] = {k: [] for k in configs}
     per_round_ratio: dict[str, list[float]] = {k: [] for k in configs}
+    # Seconds inside the engine during each timed step (ZOStepper configurations only).
+    steppers = {k: f.__self__ for k, (_, f) in configs.items() if isinstance(getattr(f, "__self__", None), ZOStepper)}
+    engine_times: dict[str, list[float]] = {k: [] for k in steppers}
     teams_floors: list[float] = []  # fp32 floor beside idle OpenMP teams (what the engine's noise threads avoid)
     items = (
         [("floor", k) for k in models] + [("step", k) for k in configs] + [("teams", k) for k in models if k == "fp32"]
@@ -131,9 +134,12 @@ def run_speed(
             for name, t in round_step.items():
                 steps[name].append(t)
                 per_round_ratio[name].append(t / round_floor[configs[name][0]])
+                if name in steppers:
+                    engine_times[name].append(steppers[name].engine_seconds[-1])
             payload = _speed_payload(
                 env, quick, batch, batch_size, max_length, repeats, models, configs, floors, steps, per_round_ratio
             )
+            _add_engine_times(payload["results"], engine_times)
             if teams_floors:
                 payload["two_forwards_beside_idle_openmp_teams"] = {
                     "model": "fp32",
@@ -158,6 +164,16 @@ def run_speed(
         f"speed -> {path}: " + ", ".join(f"{k} {v['ratio_step_over_two_forwards']:.3f}" for k, v in results.items())
     )
     return payload
+
+
+def _add_engine_times(results: dict[str, dict], engine_times: dict[str, list[float]]) -> None:
+    """Each ZOStepper row's seconds inside the engine (forward hooks and update) per timed step, and their median over
+    the median two forwards: the share of the floor the step's own work adds, whatever the host's drift."""
+    for name, times in engine_times.items():
+        row = results[name]
+        row["engine_seconds_all"] = list(times)
+        row["engine_seconds_median"] = median(times)
+        row["engine_over_two_forwards"] = median(times) / row["two_forwards_seconds_median"]
 
 
 def _speed_payload(
@@ -209,6 +225,8 @@ def _speed_payload(
             "engine's noise threads, not torch's OpenMP team (the engine before session 13)",
             "statistic": "median step time / median floor time over the timed rounds; each round runs every floor and "
             "step once in a shuffled order; round 0 (warm-up) discarded",
+            "engine": "engine_*: seconds inside the ZO engine's forward hooks and update during each timed step "
+            "(perturbed copies, z, the update), and their median over the median floor",
             "param_counts": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
         },
         "results": results,

@@ -408,6 +408,12 @@ def test_paired_rounds_give_the_median_of_interleaved_ratios(tmp_path):
         assert ratio == pytest.approx(steps[1 + i] / ((forwards[i] + forwards[i + 1]) / 2))
     assert payload["ratios"]["tiny"]["mezo_bf16_step_over_two_forwards"] == pytest.approx(sorted(ratios)[1])
     assert "median of 3 interleaved rounds" in payload["ratios"]["tiny"]["mezo_bf16_step_over_two_forwards_source"]
+    # Seconds inside the engine, one per step, each inside its step; their share of two forwards over the rounds.
+    engine = row["engine_seconds"]
+    assert len(engine) == len(steps) and all(0 < e < t for e, t in zip(engine, steps))
+    share = payload["ratios"]["tiny"]["mezo_bf16_engine_over_two_forwards"]
+    middle = sorted(forwards)[1:3]  # Four timings of the forwards: their median is the mean of the middle two.
+    assert share == pytest.approx(sorted(engine[1:])[1] / (sum(middle) / 2)) and 0 < share < max(ratios)
     proc = zo_bench(*args, "--paired_rounds", 3, "--name", "x", timeout=120)
     assert proc.returncode == 2 and "--paired_rounds 3" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.json").exists()

@@ -199,12 +199,32 @@ def _prepare_mode(
         extra["zo_noise"] = engine.distribution  # as the worker's engine drew it
         extra["noise_scheme"] = engine.noise_scheme
         extra["zo_target_numel"] = engine.total_numel
-        state = {"step": 0}
+        state = {"step": 0, "in_engine": 0.0}
+        # Seconds inside the engine (forward hooks, update) per step: the step's own work (on CUDA: the host's time
+        # issuing it). Wrapped on the instance; the hooks are registered again to take the wrappers.
+        engine_seconds = extra["engine_seconds"] = []
+
+        def timed(fn):
+            def timed_call(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    state["in_engine"] += time.perf_counter() - start
+
+            return timed_call
+
+        for name in ("_pre_forward", "_post_forward", "update"):
+            setattr(engine, name, timed(getattr(engine, name)))
+        engine.remove()
+        engine.install()
 
         def run_step() -> None:
+            state["in_engine"] = 0.0
             zo_step(engine, optimizer, loss_fn, eps=1e-3, num_perturbations=1, seed=42, step=state["step"])
             optimizer.step()
             state["step"] += 1
+            engine_seconds.append(state["in_engine"])
     elif mode == "adamw":
         model.train()
         params = [p for p in model.parameters() if p.is_floating_point()]
@@ -467,6 +487,12 @@ def derive_ratios_and_goals(payload: dict[str, Any]) -> None:
                     r[f"{point}_peak_over_inference"] = peak(size, point) / base_peak
                 row = measured.get(_point_key(size, point)) or {}
                 rounds = row.get("paired_round_ratios") or []
+                engine = row.get("engine_seconds") or []
+                if rounds and len(engine) >= len(rounds) and ran(row) and device == "cpu":
+                    # The paired rounds' steps (the last ones) against the median of their forwards.
+                    r[f"{point}_engine_over_two_forwards"] = statistics.median(
+                        engine[-len(rounds) :]
+                    ) / statistics.median(row["two_forwards_seconds"])
                 if len(rounds) >= 3 and ran(row):  # same process, interleaved: robust to a machine whose speed drifts
                     r[f"{point}_step_over_two_forwards"] = statistics.median(rounds)
                     r[f"{point}_step_over_two_forwards_source"] = (

@@ -60,6 +60,35 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+class EngineClock:
+    """Seconds spent inside a ZO engine's forward hooks and update: the step's own work (perturbed copies, z, the
+    update; on CUDA the host's time issuing it). Wraps the methods on the instance and registers the hooks again, so
+    the hooks and the update the optimizer calls are the timed ones; nothing else changes."""
+
+    def __init__(self, engine) -> None:
+        self._seconds = 0.0
+        for name in ("_pre_forward", "_post_forward", "update"):
+            setattr(engine, name, self._timed(getattr(engine, name)))
+        if engine._hooks:
+            engine.remove()
+            engine.install()
+
+    def _timed(self, fn):
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._seconds += time.perf_counter() - start
+
+        return timed_call
+
+    def lap(self) -> float:
+        """Seconds since the last lap (or since wrapping), and start counting again."""
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+
 def median(xs: Iterable[float]) -> float:
     xs = list(xs)
     return float(statistics.median(xs)) if xs else float("nan")

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from .common import SCHEMA_VERSION, log_line, write_json
+from .common import SCHEMA_VERSION, EngineClock, log_line, write_json
 from .environment import environment
 from .scale_models import SCALE_SHAPES, build_model, param_count
 from .worker import PeakSampler, malloc_trim, print_result, run_worker
@@ -199,32 +199,16 @@ def _prepare_mode(
         extra["zo_noise"] = engine.distribution  # as the worker's engine drew it
         extra["noise_scheme"] = engine.noise_scheme
         extra["zo_target_numel"] = engine.total_numel
-        state = {"step": 0, "in_engine": 0.0}
-        # Seconds inside the engine (forward hooks, update) per step: the step's own work (on CUDA: the host's time
-        # issuing it). Wrapped on the instance; the hooks are registered again to take the wrappers.
-        engine_seconds = extra["engine_seconds"] = []
-
-        def timed(fn):
-            def timed_call(*args, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    state["in_engine"] += time.perf_counter() - start
-
-            return timed_call
-
-        for name in ("_pre_forward", "_post_forward", "update"):
-            setattr(engine, name, timed(getattr(engine, name)))
-        engine.remove()
-        engine.install()
+        state = {"step": 0}
+        engine_seconds = extra["engine_seconds"] = []  # per step: the step's own work (``EngineClock``)
+        clock = EngineClock(engine)
 
         def run_step() -> None:
-            state["in_engine"] = 0.0
+            clock.lap()
             zo_step(engine, optimizer, loss_fn, eps=1e-3, num_perturbations=1, seed=42, step=state["step"])
             optimizer.step()
             state["step"] += 1
-            engine_seconds.append(state["in_engine"])
+            engine_seconds.append(clock.lap())
     elif mode == "adamw":
         model.train()
         params = [p for p in model.parameters() if p.is_floating_point()]

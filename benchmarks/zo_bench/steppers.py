@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import tempfile
-import time
 
 import torch
 
@@ -15,6 +14,8 @@ from zo_trainer.methods import get_method
 from zo_trainer.optim import ZOOptimizer
 from zo_trainer.step import zo_step
 from zo_trainer.training_args import ZOTrainingArguments
+
+from .common import EngineClock
 
 
 def zo_args(optim: str, **overrides) -> ZOTrainingArguments:
@@ -58,29 +59,16 @@ class ZOStepper:
             max_skipped_steps=10,
         )
         self.step_index = 0
-        # Seconds inside the engine per step (its forward hooks and update): the step's own work, which the host's
-        # drift between timings does not blur as it does a step / two-forwards ratio. Wrapped on the instance, so
-        # the hooks ``install`` registers and the update the optimizer calls are the timed ones.
+        # Seconds inside the engine per step: the step's own work, which the host's drift between timings does not
+        # blur as it does a step / two-forwards ratio.
         self.engine_seconds: list[float] = []
-        self._in_engine = 0.0
-        for name in ("_pre_forward", "_post_forward", "update"):
-            setattr(self.engine, name, self._timed(getattr(self.engine, name)))
+        self._engine_clock = EngineClock(self.engine)
         self.engine.remove()  # hooks only while this stepper runs (so other measurements see a plain model)
-
-    def _timed(self, fn):
-        def timed_call(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._in_engine += time.perf_counter() - start
-
-        return timed_call
 
     def step(self, batch) -> float:
         """One step on ``batch``; returns the mean of its forward passes' losses."""
         self.engine.install()
-        self._in_engine = 0.0
+        self._engine_clock.lap()
         try:
             loss = zo_step(
                 self.engine,
@@ -96,7 +84,7 @@ class ZOStepper:
             return float(loss)
         finally:
             self.engine.remove()
-            self.engine_seconds.append(self._in_engine)
+            self.engine_seconds.append(self._engine_clock.lap())
 
 
 class MeZOReferenceBaseline:

@@ -139,7 +139,7 @@ class BnbNF4Backend(QuantBackend):
                     "bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=torch.float32) "
                     "(= zo_trainer.quant.load_quantized(path, 'nf4') / --quantization nf4)."
                 )
-        keep_fp16 = all(fp16_on_cuda(m) for _, m in mods)
+        keep_fp16 = bool(mods) and all(fp16_on_cuda(m) for _, m in mods)
         for name, m in mods:
             qs = _qs(m)
             if getattr(qs, "packing_format_for_cpu", False):

@@ -161,6 +161,7 @@ def _gptq_linear(linear: nn.Linear, generator: torch.Generator, device: torch.de
 
 DENSE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INT4_DTYPES = {"nf4_fp16": torch.float16}  # Compute and rest in fp16 (a GPU's NF4); other int4 weights: fp32.
+INT4_WEIGHTS = ("nf4", "nf4_fp16", "gptq")
 
 
 def build_model(
@@ -191,7 +192,7 @@ def build_model(
     lm_head = model.get_output_embeddings()
     for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
-        if isinstance(module, nn.Linear) and module is not lm_head and weights in ("nf4", "nf4_fp16", "gptq"):
+        if isinstance(module, nn.Linear) and module is not lm_head and weights in INT4_WEIGHTS:
             if weights != "gptq":
                 layer = _nf4_linear(module, nf4_init, generator, device, dtype)
             else:
@@ -213,7 +214,7 @@ def build_model(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"tensors still on the meta device after building: {left[:5]}")
-    if weights in ("nf4", "nf4_fp16", "gptq"):
+    if weights in INT4_WEIGHTS:
         from zo_trainer.quant import get_backend
 
         get_backend(model).prepare(model)  # what load_quantized does: fp32 dequant path, fp32 master scales

@@ -102,9 +102,8 @@ def run_speed(
     floors: dict[str, list[float]] = {k: [] for k in models}
     steps: dict[str, list[float]] = {k: [] for k in configs}
     per_round_ratio: dict[str, list[float]] = {k: [] for k in configs}
-    # Seconds inside the engine during each timed step (ZOStepper configurations only).
+    # The ZOStepper configurations: each keeps the seconds inside its engine, one entry per step (round 0's first).
     steppers = {k: f.__self__ for k, (_, f) in configs.items() if isinstance(getattr(f, "__self__", None), ZOStepper)}
-    engine_times: dict[str, list[float]] = {k: [] for k in steppers}
     teams_floors: list[float] = []  # fp32 floor beside idle OpenMP teams (what the engine's noise threads avoid)
     items = (
         [("floor", k) for k in models] + [("step", k) for k in configs] + [("teams", k) for k in models if k == "fp32"]
@@ -134,12 +133,10 @@ def run_speed(
             for name, t in round_step.items():
                 steps[name].append(t)
                 per_round_ratio[name].append(t / round_floor[configs[name][0]])
-                if name in steppers:
-                    engine_times[name].append(steppers[name].engine_seconds[-1])
             payload = _speed_payload(
                 env, quick, batch, batch_size, max_length, repeats, models, configs, floors, steps, per_round_ratio
             )
-            _add_engine_times(payload["results"], engine_times)
+            _add_engine_times(payload["results"], {k: st.engine_seconds[1:] for k, st in steppers.items()})
             if teams_floors:
                 payload["two_forwards_beside_idle_openmp_teams"] = {
                     "model": "fp32",
@@ -167,7 +164,8 @@ def run_speed(
 
 
 def _add_engine_times(results: dict[str, dict], engine_times: dict[str, list[float]]) -> None:
-    """Each ZOStepper row's seconds inside the engine (forward hooks and update) per timed step, and their median over
+    """Each ZOStepper row's seconds inside the engine (forward hooks and update) per timed step (round 0, the warm-up,
+    left out as for the steps), and their median over
     the median two forwards: the share of the floor the step's own work adds, whatever the host's drift."""
     for name, times in engine_times.items():
         row = results[name]

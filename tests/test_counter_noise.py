@@ -1,7 +1,8 @@
 """Counter-based Gaussian z of z schemes 3 (16-bit picks) and 5 (8-bit picks) (``zo_trainer.counter_noise``): the
 compiled kernels (scheme 5: the AVX-512 one and the portable one) give the bits of the torch-ops reference, entry i
 depends only on (key, i) (so chunks and threads change nothing), the values are a unit-variance Gaussian, and without
-the C extension the same z comes from the reference."""
+the C extension the same z comes from the reference. Rademacher z of scheme 6 is the same stream's signs: the same
+checks on the fills and the apply."""
 
 from __future__ import annotations
 
@@ -32,6 +33,33 @@ def test_the_c_fill_gives_the_reference_bits(dtype, start, numel, pick_bits):
     for simd in (True, False):  # Scheme 5: the AVX-512 loop (where the CPU has it) and the portable one.
         drawn = counter_normal_(torch.empty(numel, dtype=dtype), KEY, start, pick_bits, simd=simd)
         assert torch.equal(drawn, expected), simd
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rademacher_z_is_the_sign_of_scheme_5s_picks(dtype):
+    """Scheme 6's Rademacher z: both loops give the reference's bits, and entry i is the sign of scheme 5's Gaussian
+    entry i (the pick's bit 7), so it is +-1 exactly in every dtype and, like it, depends on (key, i) alone."""
+    for start, numel in SPANS:
+        expected = counter_normal_reference(numel, KEY, start, dtype, 8, "rademacher")
+        gaussian = counter_normal_(torch.empty(numel, dtype=dtype), KEY, start, 8)
+        assert torch.equal(expected, torch.sign(gaussian)), (start, numel)
+        for simd in (True, False):
+            drawn = counter_normal_(
+                torch.empty(numel, dtype=dtype), KEY, start, 8, simd=simd, distribution="rademacher"
+            )
+            assert torch.equal(drawn, expected), (start, numel, simd)
+    z = counter_normal_(torch.empty(1 << 20), KEY, 0, 8, distribution="rademacher").double()
+    assert abs(float(z.mean())) < 5 * 2**-10  # Balanced: 5 sigma of 2^20 signs.
+    lanes = z.view(-1, 8).mean(0)  # Each of a word's 8 lanes (bits 7, 15, ... of the word) balanced too.
+    assert float(lanes.abs().max()) < 5 * 2**-8.5, lanes
+    assert abs(float((z[1:] * z[:-1]).mean())) < 5 * 2**-10
+
+
+def test_rademacher_needs_8_bit_picks():
+    with pytest.raises(ValueError, match="rademacher"):
+        normal_table(torch.float32, 16, "rademacher")
+    with pytest.raises(ValueError, match="not uniform"):
+        normal_table(torch.float32, 8, "uniform")
 
 
 def test_this_machines_cpu_runs_the_avx512_fill():
@@ -120,10 +148,11 @@ def test_without_the_extension_the_reference_draws_the_same_z(pick_bits, monkeyp
 APPLY_SPANS = [(0, 1), (3, 10), (0, 63), (0, 64), (7, 64), (1, 127), (9, 200), (5, 100_003), ((1 << 33) + 3, 5_000)]
 
 
+@pytest.mark.parametrize("distribution", counter_noise.DISTRIBUTIONS)
 @pytest.mark.parametrize("threshold", [None, 0.015])
 @pytest.mark.parametrize("dtype", counter_noise.APPLY_DTYPES)
 @pytest.mark.parametrize("start,numel", APPLY_SPANS)
-def test_apply_as_drawn_gives_the_torch_ops_bits(dtype, start, numel, threshold):
+def test_apply_as_drawn_gives_the_torch_ops_bits(dtype, start, numel, threshold, distribution):
     """``counter_apply_`` is the fill then the torch op it replaces, bit for bit: ``torch.add(w, z, alpha)`` (fused
     multiply-add; bf16 with alpha rounded to bf16, and torch's own rounding past its last whole 64 entries) or, with a
     threshold, ``torch.addcmul(w, z, |w| <= threshold, value=alpha)``; into another tensor or in place; both loops;
@@ -133,15 +162,15 @@ def test_apply_as_drawn_gives_the_torch_ops_bits(dtype, start, numel, threshold)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        check_apply(dtype, start, numel, threshold)
+        check_apply(dtype, start, numel, threshold, distribution)
     finally:
         torch.set_num_threads(previous)
 
 
-def check_apply(dtype: torch.dtype, start: int, numel: int, threshold: float | None) -> None:
+def check_apply(dtype: torch.dtype, start: int, numel: int, threshold: float | None, distribution: str) -> None:
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     weight = torch.randn(numel, generator=torch.Generator().manual_seed(numel)).mul_(0.02).to(dtype)
-    z = counter_normal_(torch.empty(numel, dtype=dtype), KEY, start, pick_bits=8)
+    z = counter_normal_(torch.empty(numel, dtype=dtype), KEY, start, pick_bits=8, distribution=distribution)
     for alpha in (1e-3, -2.5e-3, -0.0123456):
         if threshold is None:
             expected, inside = torch.add(weight, z, alpha=alpha), 0
@@ -150,10 +179,13 @@ def check_apply(dtype: torch.dtype, start: int, numel: int, threshold: float | N
             expected, inside = torch.addcmul(weight, z, mask, value=alpha), int(torch.count_nonzero(mask))
         for simd in (True, False):
             out = torch.empty_like(weight)
-            assert counter_noise.counter_apply_(out, weight, KEY, start, alpha, threshold, simd=simd) == inside
+            count = counter_noise.counter_apply_(
+                out, weight, KEY, start, alpha, threshold, simd=simd, distribution=distribution
+            )
+            assert count == inside
             assert torch.equal(out.view(bits), expected.view(bits)), (alpha, simd)
         in_place = weight.clone()
-        counter_noise.counter_apply_(in_place, in_place, KEY, start, alpha, threshold)
+        counter_noise.counter_apply_(in_place, in_place, KEY, start, alpha, threshold, distribution=distribution)
         assert torch.equal(in_place, expected)
 
 
@@ -180,11 +212,16 @@ def test_apply_split_over_torchs_openmp_team_gives_the_same_bits(dtype, threshol
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("where", ["one thread", "noise threads", "openmp team"])
+# Rademacher z (scheme 6) takes the same paths: checked on torch's team (the default) and on one thread.
+ENGINE_CASES = [(where, "gaussian") for where in ("one thread", "noise threads", "openmp team")]
+ENGINE_CASES += [("one thread", "rademacher"), ("openmp team", "rademacher")]
+
+
+@pytest.mark.parametrize("where,distribution", ENGINE_CASES)
 @pytest.mark.parametrize("optim", ["mezo", "masked"])
 @pytest.mark.parametrize("dtype", counter_noise.APPLY_DTYPES)
-def test_engine_steps_are_the_same_bits_with_z_applied_as_drawn(dtype, optim, where, monkeypatch):
-    """Whole ZO steps under scheme 5 (tensors of whole and partial 64-entry groups, the row paths of the vocabulary
+def test_engine_steps_are_the_same_bits_with_z_applied_as_drawn(dtype, optim, where, distribution, monkeypatch):
+    """Whole ZO steps under scheme 6 (tensors of whole and partial 64-entry groups, the row paths of the vocabulary
     tensors, masks on every target), z applied as drawn on one thread, on two noise threads, or on torch's OpenMP
     team of two: the weights after two steps, and both losses of each, are those of the fill then torch ops, bit for
     bit."""
@@ -204,7 +241,7 @@ def test_engine_steps_are_the_same_bits_with_z_applied_as_drawn(dtype, optim, wh
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        runs = two_steps_each_way(dtype, optim, where, ids, monkeypatch)
+        runs = two_steps_each_way(dtype, optim, where, ids, monkeypatch, distribution)
     finally:
         torch.set_num_threads(previous)
     assert (max(teams) == 2) is (where == "openmp team")  # The larger passes split over the team.
@@ -214,7 +251,7 @@ def test_engine_steps_are_the_same_bits_with_z_applied_as_drawn(dtype, optim, wh
         assert torch.equal(value, reference_weights[name]), name
 
 
-def two_steps_each_way(dtype, optim, where, ids, monkeypatch):
+def two_steps_each_way(dtype, optim, where, ids, monkeypatch, distribution="gaussian"):
     """(losses, weights) after two steps with z applied as drawn (``where``), then with the fill and torch ops. The
     MLP's 8,400-entry matrices are passes long enough to split over a team."""
     from conftest import make_tiny_llama
@@ -230,8 +267,8 @@ def two_steps_each_way(dtype, optim, where, ids, monkeypatch):
         args = ZOTrainingArguments(output_dir="unused", optim="mezo", report_to="none", learning_rate=0.3, zo_eps=1e-2)
         method = MeZO(args)
         threads = 2 if as_drawn and where == "noise threads" else 1
-        engine = ZOEngine(method.targets(model), num_noise_threads=threads)
-        assert engine.noise_scheme == 5
+        engine = ZOEngine(method.targets(model), num_noise_threads=threads, distribution=distribution)
+        assert engine.noise_scheme == 6
         engine.ROW_CHUNK_BYTES = 4096  # The embedding and lm_head take the row paths.
         engine.load_noise_config({**engine.noise_config(), "block": 1024})  # Several blocks per tensor: threads share
         if optim == "masked":

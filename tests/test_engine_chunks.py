@@ -37,17 +37,17 @@ class Layer(nn.Module):
         self.bias = nn.Parameter(torch.randn(100, generator=generator).to(dtype), requires_grad=False)
 
 
-# z as new runs draw it on CPU (scheme 5: Gaussian from a counter-based stream of 8-bit picks; Rademacher as in scheme
-# 2), scheme 3's Gaussian (16-bit picks) and scheme 2's (one normal_ stream per block), which replay and resume of
-# scheme-2 to 4 runs still draw.
-DISTRIBUTIONS = ("gaussian", "gaussian-scheme3", "gaussian-scheme2", "rademacher")
+# z as new runs draw it on CPU (scheme 6: Gaussian from a counter-based stream of 8-bit picks, Rademacher its signs),
+# scheme 3's Gaussian (16-bit picks), scheme 2's (one normal_ stream per block) and schemes 2-5's Rademacher (torch
+# generator bits per block), which replay and resume of scheme-2 to 5 runs still draw.
+DISTRIBUTIONS = ("gaussian", "gaussian-scheme3", "gaussian-scheme2", "rademacher", "rademacher-scheme5")
 
 
 def engine_for(module: nn.Module, distribution: str, threads: int) -> ZOEngine:
     """An engine drawing ``distribution`` (one of DISTRIBUTIONS) z on ``threads`` noise threads."""
     name, _, scheme = distribution.partition("-scheme")
     engine = ZOEngine(parameter_targets(module, lambda *_: True), threads, distribution=name)
-    assert engine.noise_scheme == 5
+    assert engine.noise_scheme == 6
     engine.noise_scheme = int(scheme or engine.noise_scheme)
     if threads > 1:
         engine.CHEAP_DRAW_THREADS = 0  # Cheap draws (Rademacher, scheme 3) over the noise threads too (default: one).
@@ -153,7 +153,7 @@ def test_chunked_z_equals_per_block_draws(distribution, dtype, threads, small_bl
 def test_blocks_not_made_of_whole_vectors_or_words_are_worked_one_by_one(dtype, small_blocks, monkeypatch):
     """A block of 200 entries is neither whole SIMD vector pairs nor whole 64-bit words of Rademacher bits."""
     monkeypatch.setattr(ZOEngine, "NOISE_BLOCK", 200)
-    engine = engine_for(Layer(dtype), "rademacher", 1)
+    engine = engine_for(Layer(dtype), "rademacher-scheme5", 1)
     for target in engine.targets:
         assert torch.equal(engine.noise(target, 1234), reference_z(engine, target, 1234)), target.name
 
@@ -266,7 +266,9 @@ def test_row_paths_equal_per_block_reference(distribution, dtype, threads, spars
 # 2: drawn by the engine of git 9f34871 (one op per block, before chunks); every committed scheme-2 run replays with
 # these z. Scheme 3: its Gaussian z as first drawn (git of this test's commit; the values also follow from
 # ``counter_noise.counter_normal_reference``, see tests/test_counter_noise.py); its Rademacher z is scheme 2's. Scheme 5:
-# likewise, 8-bit picks (first drawn by the commit that added it). Scheme 4 draws scheme 3's z on CPU.
+# likewise, 8-bit picks (first drawn by the commit that added it). Scheme 4 draws scheme 3's z on CPU. Scheme 6: scheme
+# 5's Gaussian z (the same hashes), and Rademacher z of its own, the signs of scheme 5's picks (first drawn by the
+# commit that added it).
 GOLDEN_Z = {
     (2, "gaussian", torch.float32): "1175d3399879347473bbec3d17830e2277a1967ecd8f561da127e7d19701498c",
     (2, "gaussian", torch.bfloat16): "5f0c94373ebce760fd69f11b944adbfb1c378a062aab24be98a449d7c34f832b",
@@ -281,6 +283,10 @@ GOLDEN_Z = {
     (5, "gaussian", torch.bfloat16): "e73a920b03bd66116962f0fb484401b5eb801dba85f4f1d902a4fdbaa25a2acc",
     (5, "gaussian", torch.float16): "1ac70770ee4daf13b1ea0052ea610fb4daeba6a9d8355fd1ae0605c1acd57f93",
     (5, "rademacher", torch.float32): "2472d10ee024462f68568dabae85d936c3a6d9cb2b3fda4b90489b5628ebd21b",
+    (6, "gaussian", torch.float32): "216f8f08840418ff8d84f65fbdab2e8745cfe79253c10a4efaa9160543e7ca65",
+    (6, "gaussian", torch.bfloat16): "e73a920b03bd66116962f0fb484401b5eb801dba85f4f1d902a4fdbaa25a2acc",
+    (6, "rademacher", torch.float32): "8976353469578eaff93f66218104417e0e82a29cf40d9c37020800a6258a81e6",
+    (6, "rademacher", torch.bfloat16): "d6dc70229f67c12d8a401908ef46e5a782f39dafe44026107f1c013cc27ea529",
 }
 
 

@@ -1,4 +1,5 @@
-"""``zo_noise="rademacher"``: z with entries +-1 (probability 1/2 each) instead of N(0, 1), drawn from random bits.
+"""``zo_noise="rademacher"``: z with entries +-1 (probability 1/2 each) instead of N(0, 1): from scheme 6 the signs of
+the counter-based stream's picks (``counter_noise``), under schemes 1-5 torch generator bits.
 
 Checked here: the values and their balance bit by bit (a sign table fed with biased bits would show), determinism
 (seed, step, thread count, blocked / row-blocked / whole-tensor paths), tails of tensors that are not a multiple of
@@ -55,7 +56,9 @@ def assert_balanced_signs(z: torch.Tensor) -> None:
     assert abs(float((flat[1:] * flat[:-1]).mean())) < 5 * sigma  # Neighbours independent.
 
 
-@pytest.mark.parametrize("scheme", [2, 1])  # 2: CPU blocks; 1: whole-tensor path (CUDA's), 4 streams, in pieces.
+# 6: the counter stream's signs (new runs); 2: CPU blocks of generator bits; 1: whole-tensor path (CUDA's before scheme
+# 6), 4 streams, in pieces.
+@pytest.mark.parametrize("scheme", [6, 2, 1])
 def test_rademacher_z_is_plus_minus_one_balanced_and_deterministic(scheme, monkeypatch):
     if scheme == 1:  # Pieces of 64 blocks of 256: each of the 4 streams of the tensor is drawn in 16 pieces.
         monkeypatch.setattr(ZOEngine, "NOISE_BLOCK", 256)
@@ -79,7 +82,7 @@ def test_rademacher_z_is_plus_minus_one_balanced_and_deterministic(scheme, monke
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 63, 65, 256 + 13])
-@pytest.mark.parametrize("scheme", [2, 1])
+@pytest.mark.parametrize("scheme", [6, 2, 1])
 def test_short_tensors_and_tails_are_filled(numel, scheme, monkeypatch):
     """Tensors shorter than a byte (8 entries), a word (64) or a block, or a few entries over: every entry, the
     tail's too, is written with +-1 (nothing of ``out``'s old values or of stale scratch is left) and takes both signs."""
@@ -106,8 +109,9 @@ def tiny_model():
     return make_tiny_llama(96, max_position_embeddings=64).eval()
 
 
+@pytest.mark.parametrize("scheme", [6, 5])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_row_blocked_embedding_and_lm_head_equal_the_whole_tensor_path(threads, monkeypatch):
+def test_row_blocked_embedding_and_lm_head_equal_the_whole_tensor_path(threads, scheme, monkeypatch):
     """As tests/test_engine_rows.py for Gaussian z: the tied embedding looked up from perturbed rows and the lm_head
     multiplied chunk by chunk give the outputs of the whole perturbed tensor, entry for entry."""
     vocab, hidden = 400, 48
@@ -118,6 +122,7 @@ def test_row_blocked_embedding_and_lm_head_equal_the_whole_tensor_path(threads, 
     args = ZOTrainingArguments("unused", optim="mezo", report_to="none", zo_noise="rademacher")
     rows = ZOEngine(MeZO(args).targets(model), threads, distribution="rademacher")
     whole = ZOEngine(MeZO(args).targets(reference), 1, distribution="rademacher")
+    rows.noise_scheme = whole.noise_scheme = scheme
     whole.row_blocked = False
     weight = rows.targets[0].get()
     assert rows._row_kind(model.model.embed_tokens, weight) is None  # Grad mode; under no_grad the row paths:

@@ -1,5 +1,5 @@
-"""How z is drawn (``ZOEngine.noise_scheme``): new runs use scheme 5 (CPU blocks drawn where they are used, Gaussian z
-from a counter-based stream of 8-bit picks), runs of schemes 2-4 replay with their scheme; files written before schemes
+"""How z is drawn (``ZOEngine.noise_scheme``): new runs use scheme 6 (CPU blocks drawn where they are used, Gaussian z
+from a counter-based stream of 8-bit picks, Rademacher z its signs), runs of schemes 2-5 replay with their scheme; files written before schemes
 were recorded replay and resume with scheme 1, bit for bit."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def test_an_unknown_scheme_is_refused_in_one_line():
         replay(tiny_model(), payload)
 
 
-@pytest.mark.parametrize("scheme", [2, 3, 5])
+@pytest.mark.parametrize("scheme", [2, 3, 5, 6])
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 def test_z_does_not_depend_on_the_thread_count(distribution, scheme, monkeypatch):
     monkeypatch.setattr(ZOEngine, "NOISE_BLOCK", 256)  # Many blocks per tensor of the tiny model.
@@ -117,7 +117,7 @@ def test_z_does_not_depend_on_the_thread_count(distribution, scheme, monkeypatch
 
 # With optimizer.pt the ZO state comes from it; without (--save_only_model), from zo_trajectory.json.
 @pytest.mark.parametrize("optimizer_file", [True, False])
-def test_new_runs_record_scheme_5_and_an_old_checkpoint_resumes_with_scheme_1(
+def test_new_runs_record_scheme_6_and_an_old_checkpoint_resumes_with_scheme_1(
     optimizer_file, tmp_path, tiny_tokenizer, rte_small, tiny_llama_factory, monkeypatch
 ):
     with monkeypatch.context() as patch:  # The uninterrupted run of the old scheme, and its first half.
@@ -151,7 +151,7 @@ def test_new_runs_record_scheme_5_and_an_old_checkpoint_resumes_with_scheme_1(
     trainer = make_trainer(
         tmp_path / "b", tiny_tokenizer, rte_small, resumed, max_steps=4, save_strategy="steps", save_steps=2
     )
-    assert trainer.zo_engine.noise_scheme == 5  # A new run's default...
+    assert trainer.zo_engine.noise_scheme == 6  # A new run's default...
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.zo_engine.noise_scheme == 1  # ...but the checkpoint's run drew z with scheme 1.
     expected = state(full)
@@ -160,4 +160,4 @@ def test_new_runs_record_scheme_5_and_an_old_checkpoint_resumes_with_scheme_1(
     assert load_trajectory(tmp_path / "b" / "out")["noise"]["scheme"] == 1
     fresh = make_trainer(tmp_path / "c", tiny_tokenizer, rte_small, tiny_llama_factory(), max_steps=1)
     fresh.train()
-    assert load_trajectory(tmp_path / "c" / "out")["noise"]["scheme"] == 5
+    assert load_trajectory(tmp_path / "c" / "out")["noise"]["scheme"] == 6

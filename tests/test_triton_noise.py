@@ -1,5 +1,6 @@
-"""z schemes 4-5 (``zo_trainer.triton_noise``): Gaussian z of a CUDA tensor is the CPU's counter stream (scheme 3's
-16-bit picks under scheme 4, 8-bit picks under 5), drawn inside Triton kernels that apply it. On a GPU these run the compiled kernels; without one, Triton's interpreter runs the same kernels
+"""z schemes 4-6 (``zo_trainer.triton_noise``): z of a CUDA tensor is the CPU's counter stream (scheme 3's
+16-bit picks under scheme 4, 8-bit picks under 5; from 6 Rademacher z too, the picks' signs), drawn inside Triton
+kernels that apply it. On a GPU these run the compiled kernels; without one, Triton's interpreter runs the same kernels
 on CPU tensors (TRITON_INTERPRET=1), so CI checks the kernels' logic and bits too."""
 
 from __future__ import annotations
@@ -36,31 +37,35 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.cpu().view(BITS[tensor.dtype])
 
 
-@pytest.mark.parametrize("pick_bits", counter_noise.PICK_BITS)
+# The counter streams the kernels draw: (pick bits, distribution).
+STREAMS = [(16, "gaussian"), (8, "gaussian"), (8, "rademacher")]
+
+
+@pytest.mark.parametrize("pick_bits,distribution", STREAMS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fill_gives_the_counter_streams_bits(dtype, pick_bits):
+def test_fill_gives_the_counter_streams_bits(dtype, pick_bits, distribution):
     """z in every dtype is the CPU stream's table entry, bit for bit, whatever the key and however the tensor's size
     falls against the kernel's blocks."""
     for key in KEYS:
         for numel in (1, 5, triton_noise.BLOCK, 3 * triton_noise.BLOCK + 7):
-            out = triton_noise.fill_(torch.empty(numel, dtype=dtype, device=DEVICE), key, pick_bits)
-            expected = counter_noise.counter_normal_reference(numel, key, 0, dtype, pick_bits)
+            out = triton_noise.fill_(torch.empty(numel, dtype=dtype, device=DEVICE), key, pick_bits, distribution)
+            expected = counter_noise.counter_normal_reference(numel, key, 0, dtype, pick_bits, distribution)
             assert torch.equal(bits(out), bits(expected)), (key, numel)
 
 
-@pytest.mark.parametrize("pick_bits", counter_noise.PICK_BITS)
+@pytest.mark.parametrize("pick_bits,distribution", STREAMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threshold", [None, 0.6])
-def test_perturbed_copy_is_weight_plus_eps_z_in_one_rounding(dtype, threshold, pick_bits):
+def test_perturbed_copy_is_weight_plus_eps_z_in_one_rounding(dtype, threshold, pick_bits, distribution):
     """``w + eps * z (* (|w| <= threshold))`` computed in fp32 and rounded once; the weight is left untouched. The
     mask compares |w| with the threshold rounded to the tensor's dtype."""
     numel, key, eps = 2 * triton_noise.BLOCK + 11, 99, 0.25
     weight = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(dtype)
     before = weight.clone()
     out = triton_noise.perturbed_copy(
-        weight.to(DEVICE), torch.empty(numel, dtype=dtype, device=DEVICE), key, eps, threshold, pick_bits
+        weight.to(DEVICE), torch.empty(numel, dtype=dtype, device=DEVICE), key, eps, threshold, pick_bits, distribution
     )
-    z = counter_noise.counter_normal_reference(numel, key, 0, torch.float32, pick_bits)
+    z = counter_noise.counter_normal_reference(numel, key, 0, torch.float32, pick_bits, distribution)
     step = eps * z
     if threshold is not None:
         mask = weight.float().abs() <= float(torch.tensor(threshold).to(dtype))
@@ -73,9 +78,9 @@ def test_perturbed_copy_is_weight_plus_eps_z_in_one_rounding(dtype, threshold, p
     torch.testing.assert_close(out.cpu(), expected, **tolerance)
 
 
-@pytest.mark.parametrize("pick_bits", counter_noise.PICK_BITS)
+@pytest.mark.parametrize("pick_bits,distribution", STREAMS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_update_applies_every_key_under_the_mask_of_the_old_values(dtype, pick_bits):
+def test_update_applies_every_key_under_the_mask_of_the_old_values(dtype, pick_bits, distribution):
     """``w -= sum_k c_k z_k`` where |w| <= threshold before the update (keys with a zero coefficient change nothing),
     then decoupled decay on those entries and the clamp; the count of entries taking part comes back as a tensor."""
     numel, keys, coefficients, threshold = 3 * triton_noise.BLOCK - 5, [7, 8, 9], [0.5, -0.25, 0.0], 0.8
@@ -83,11 +88,19 @@ def test_update_applies_every_key_under_the_mask_of_the_old_values(dtype, pick_b
     work = weight.to(DEVICE, copy=True)
     arguments = triton_noise.update_arguments([keys], coefficients, work.device)
     count = triton_noise.update_(
-        work, arguments[0][0], arguments[1], threshold, decay=-0.01, min_value=-1.5, pick_bits=pick_bits
+        work,
+        arguments[0][0],
+        arguments[1],
+        threshold,
+        decay=-0.01,
+        min_value=-1.5,
+        pick_bits=pick_bits,
+        distribution=distribution,
     )
     mask = weight.float().abs() <= float(torch.tensor(threshold).to(dtype))
     change = sum(
-        c * counter_noise.counter_normal_reference(numel, k, pick_bits=pick_bits) for k, c in zip(keys, coefficients)
+        c * counter_noise.counter_normal_reference(numel, k, pick_bits=pick_bits, distribution=distribution)
+        for k, c in zip(keys, coefficients)
     )
     updated = torch.where(mask, weight.float() - change, weight.float())
     expected = torch.where(mask, updated - 0.01 * updated, updated).clamp(min=-1.5).to(dtype)
@@ -99,16 +112,18 @@ def test_update_applies_every_key_under_the_mask_of_the_old_values(dtype, pick_b
     torch.testing.assert_close(work.cpu(), expected, **tolerance)
     dense = weight.to(DEVICE, copy=True)
     first_key, first_coefficient = triton_noise.update_arguments([keys[:1]], coefficients[:1], dense.device)
-    assert triton_noise.update_(dense, first_key[0], first_coefficient, pick_bits=pick_bits) is None
-    z = counter_noise.counter_normal_reference(numel, 7, pick_bits=pick_bits)
+    assert (
+        triton_noise.update_(dense, first_key[0], first_coefficient, None, 0.0, None, pick_bits, distribution) is None
+    )
+    z = counter_noise.counter_normal_reference(numel, 7, pick_bits=pick_bits, distribution=distribution)
     torch.testing.assert_close(dense.cpu().float(), (weight.float() - 0.5 * z).to(dtype).float())
 
 
-# (the CPU reference's scheme, the kernels' scheme, their stream's pick bits)
-SCHEME_PAIRS = [(3, 4, 16), (5, 5, 8)]
+# (the CPU reference's scheme, the kernels' scheme, their stream's pick bits, z's distribution)
+SCHEME_PAIRS = [(3, 4, 16, "gaussian"), (5, 5, 8, "gaussian"), (6, 6, 8, "rademacher")]
 
 
-def engines(optim: str, cpu_scheme: int = 3, kernel_scheme: int = 4):
+def engines(optim: str, cpu_scheme: int = 3, kernel_scheme: int = 4, distribution: str = "gaussian"):
     """The same tiny model twice: on the CPU with ``cpu_scheme`` (torch ops and the C fill), and on DEVICE with
     ``kernel_scheme`` (the kernels). Scheme 3 on CUDA would draw ``normal_`` instead: the CPU run is the reference for the
     same z (and never takes the kernels, even where the interpreter would run them on CPU tensors)."""
@@ -117,7 +132,7 @@ def engines(optim: str, cpu_scheme: int = 3, kernel_scheme: int = 4):
     for scheme, device in ((cpu_scheme, "cpu"), (kernel_scheme, DEVICE)):
         model = make_tiny_llama(300, hidden_size=64, max_position_embeddings=32).to(device).eval()
         method = (SparseMeZO if optim == "sparse_mezo" else MeZO)(args)
-        engine = ZOEngine(method.targets(model), num_noise_threads=1)
+        engine = ZOEngine(method.targets(model), num_noise_threads=1, distribution=distribution)
         engine.load_noise_config({**engine.noise_config(), "scheme": scheme})
         if device == "cpu" and not pairs:
             engine._fused = lambda tensor: False
@@ -127,13 +142,13 @@ def engines(optim: str, cpu_scheme: int = 3, kernel_scheme: int = 4):
     return pairs
 
 
-@pytest.mark.parametrize("cpu_scheme,scheme,pick_bits", SCHEME_PAIRS)
+@pytest.mark.parametrize("cpu_scheme,scheme,pick_bits,distribution", SCHEME_PAIRS)
 @pytest.mark.parametrize("optim", ["mezo", "sparse_mezo"])
-def test_kernel_engine_draws_the_cpus_z_and_restores_exactly(optim, cpu_scheme, scheme, pick_bits):
-    """A whole ZO step through the engine: under schemes 4-5 every target takes the kernels (on CPU: interpreted), z
-    of every target is the CPU's z (scheme 3's, 5's) bit for bit, the two losses and the update agree with the CPU's
-    step to fp32 rounding, and the weights come back bit for bit after each perturbed forward."""
-    (reference, old), (model, new) = engines(optim, cpu_scheme, scheme)
+def test_kernel_engine_draws_the_cpus_z_and_restores_exactly(optim, cpu_scheme, scheme, pick_bits, distribution):
+    """A whole ZO step through the engine: under schemes 4-6 every target takes the kernels (on CPU: interpreted), z
+    of every target is the CPU's z (scheme 3's, 5's, 6's Rademacher) bit for bit, the two losses and the update agree
+    with the CPU's step to fp32 rounding, and the weights come back bit for bit after each perturbed forward."""
+    (reference, old), (model, new) = engines(optim, cpu_scheme, scheme, distribution)
     assert new.noise_config()["scheme"] == scheme and all(new._fused(t.get()) for t in new.targets)
     assert not any(old._fused(t.get()) for t in old.targets)
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -141,7 +156,9 @@ def test_kernel_engine_draws_the_cpus_z_and_restores_exactly(optim, cpu_scheme, 
     for target in new.targets[:6]:
         z = new.noise(target, seed)
         key = target_seed(seed, target.index)
-        expected = counter_noise.counter_normal_reference(z.numel(), key, pick_bits=pick_bits)
+        expected = counter_noise.counter_normal_reference(
+            z.numel(), key, pick_bits=pick_bits, distribution=distribution
+        )
         assert torch.equal(bits(z), bits(expected.view(z.shape))), target.name
         assert torch.equal(bits(old.noise(old.targets[target.index], seed)), bits(expected.view(z.shape)))
     losses = {}
@@ -166,11 +183,11 @@ def test_kernel_engine_draws_the_cpus_z_and_restores_exactly(optim, cpu_scheme, 
         assert old.pop_mask_fraction() == pytest.approx(new.pop_mask_fraction(), abs=1e-6)
 
 
-@pytest.mark.parametrize("scheme", [4, 5])
-def test_a_kernel_scheme_trajectory_without_triton_on_cuda_is_one_clear_error(scheme, monkeypatch):
-    """Replaying or resuming a scheme-4/5 run needs Triton where the tensors are on CUDA: one error naming the way
+@pytest.mark.parametrize("scheme,distribution", [(4, "gaussian"), (5, "gaussian"), (6, "rademacher")])
+def test_a_kernel_scheme_trajectory_without_triton_on_cuda_is_one_clear_error(scheme, distribution, monkeypatch):
+    """Replaying or resuming a scheme-4/5/6 run needs Triton where the tensors are on CUDA: one error naming the way
     out."""
-    (_, _), (model, engine) = engines("mezo")
+    (_, _), (model, engine) = engines("mezo", distribution=distribution)
     monkeypatch.setattr(triton_noise, "available", lambda: False)
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match=f"scheme {scheme}.*Triton"):

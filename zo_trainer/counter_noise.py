@@ -18,6 +18,10 @@ trains too. Where AVX-512 is missing, a portable C loop gives the same bits (sev
 (``counter_apply_``: ``w + alpha * z`` in one pass, z never written out) splits a pass over torch's own OpenMP threads
 (``team_available``): threads of our own would share the cores with the forward's spinning OpenMP workers.
 
+Rademacher z from scheme 6 on (``distribution="rademacher"``) is the same stream with all 128 magnitudes 1: entry i is
+the sign bit of scheme 5's pick, so the fills, the apply and the CUDA kernels draw it at the Gaussian's cost (the
+signs of distinct bits of a mixed word: independent, +-1 with probability 1/2 each).
+
 ``counter_normal_reference`` computes the same bits with torch integer ops: the fallback where the extension was not
 built (~10 ns per entry) and the reference the tests check the C fill against.
 """
@@ -44,6 +48,7 @@ _BITS = {
     torch.float16: torch.int16,
 }
 PICK_BITS = (16, 8)  # Bits of a word that pick one entry's value: scheme 3 (4 entries per word), scheme 5 (8).
+DISTRIBUTIONS = ("gaussian", "rademacher")  # Rademacher: 8-bit picks only (its magnitudes are all 1).
 
 
 def lanes(pick_bits: int) -> int:
@@ -51,17 +56,26 @@ def lanes(pick_bits: int) -> int:
     return 64 // pick_bits
 
 
-def normal_table(dtype: torch.dtype = torch.float32, pick_bits: int = 16) -> torch.Tensor:
+def normal_table(
+    dtype: torch.dtype = torch.float32, pick_bits: int = 16, distribution: str = "gaussian"
+) -> torch.Tensor:
     """The 2 ** pick_bits values z takes, in ``dtype``, indexed by the pick. 16 bits: quantiles of N(0, 1) at
     (k + 1/2) / 65536, scaled to unit variance. 8 bits: 128 magnitudes (the quantiles at (128 + k + 1/2) / 256,
-    scaled as the 256 would be to unit variance, rounded to bf16), then the same negated: bit 7 is the sign."""
-    return _table(dtype, pick_bits).clone()
+    scaled as the 256 would be to unit variance, rounded to bf16), then the same negated: bit 7 is the sign.
+    ``distribution="rademacher"`` (8 bits): the 128 magnitudes are 1, so z is the pick's sign."""
+    return _table(dtype, pick_bits, distribution).clone()
 
 
 @functools.cache
-def _table(dtype: torch.dtype, pick_bits: int = 16) -> torch.Tensor:
+def _table(dtype: torch.dtype, pick_bits: int = 16, distribution: str = "gaussian") -> torch.Tensor:
     if pick_bits not in PICK_BITS:
         raise ValueError(f"pick_bits must be one of {PICK_BITS}, not {pick_bits}")
+    if distribution not in DISTRIBUTIONS or (distribution == "rademacher" and pick_bits != 8):
+        raise ValueError(
+            f"counter-based z is {DISTRIBUTIONS[0]} (8 or 16 bits) or {DISTRIBUTIONS[1]} (8), not {distribution}"
+        )
+    if distribution == "rademacher":
+        return torch.cat([torch.ones(128), -torch.ones(128)]).to(dtype)
     levels = torch.special.ndtri((torch.arange(1 << pick_bits, dtype=torch.float64) + 0.5) / (1 << pick_bits))
     levels = levels / levels.square().mean().sqrt()  # Variance 1 (the midpoints alone give 0.99988 / 0.98).
     if pick_bits == 8:  # Rounded to bf16 so that every float dtype holds the same values; bit 7 the sign.
@@ -71,10 +85,11 @@ def _table(dtype: torch.dtype, pick_bits: int = 16) -> torch.Tensor:
 
 
 @functools.cache
-def _magnitudes16(dtype: torch.dtype) -> torch.Tensor:
+def _magnitudes16(dtype: torch.dtype, distribution: str = "gaussian") -> torch.Tensor:
     """Scheme 5's 128 magnitudes as the 16-bit patterns the AVX-512 fill permutes: fp16 ones for fp16 z, bf16 ones
     otherwise (an fp32 z is its bf16 pattern shifted up 16 bits)."""
-    return _table(torch.float16 if dtype == torch.float16 else torch.bfloat16, 8)[:128].view(torch.int16).contiguous()
+    values = _table(torch.float16 if dtype == torch.float16 else torch.bfloat16, 8, distribution)
+    return values[:128].view(torch.int16).contiguous()
 
 
 def supported(tensor: torch.Tensor) -> bool:
@@ -83,21 +98,27 @@ def supported(tensor: torch.Tensor) -> bool:
 
 
 def counter_normal_(
-    out: torch.Tensor, key: int, start: int = 0, pick_bits: int = 16, simd: bool = True
+    out: torch.Tensor,
+    key: int,
+    start: int = 0,
+    pick_bits: int = 16,
+    simd: bool = True,
+    distribution: str = "gaussian",
 ) -> torch.Tensor:
     """Fill ``out`` (CPU, contiguous) with entries ``start .. start + out.numel()`` of the z stream of ``key``.
-    ``simd=False``: scheme 5's portable loop even where AVX-512 is present (the same bits; for tests)."""
+    ``simd=False``: scheme 5's portable loop even where AVX-512 is present (the same bits; for tests).
+    ``distribution="rademacher"``: the signs of the 8-bit picks (``normal_table``)."""
     if out.numel() == 0:
         return out
     fills = _fills()
     if fills is None:
-        out.view(-1).copy_(counter_normal_reference(out.numel(), key, start, out.dtype, pick_bits))
+        out.view(-1).copy_(counter_normal_reference(out.numel(), key, start, out.dtype, pick_bits, distribution))
         return out
-    table = _table(out.dtype, pick_bits).data_ptr()
+    table = _table(out.dtype, pick_bits, distribution).data_ptr()
     if pick_bits == 16:
         fills[16, out.dtype](out.data_ptr(), table, out.numel(), key & MASK64, start)
     else:
-        magnitudes = _magnitudes16(out.dtype).data_ptr()
+        magnitudes = _magnitudes16(out.dtype, distribution).data_ptr()
         fills[8, out.dtype](out.data_ptr(), table, magnitudes, out.numel(), key & MASK64, start, int(simd))
     return out
 
@@ -121,6 +142,7 @@ def counter_apply_(
     threshold: float | None = None,
     simd: bool = True,
     threads: int = 1,
+    distribution: str = "gaussian",
 ) -> int:
     """``out := weight + alpha * z (* (|weight| <= threshold))`` with z entries ``start .. start + numel`` of scheme
     5's stream of ``key``, drawn as they are applied (one pass; ``out`` may be ``weight``: an update in place).
@@ -130,7 +152,8 @@ def counter_apply_(
     ``torch.addcmul(weight, z, mask, value=alpha)`` (the product rounded, then the sum) with ``mask = |weight| <=
     threshold``; ``tests/test_counter_noise.py`` checks both against torch. ``apply_supported`` tensors only. Returns
     the number of entries inside the mask (0 without a threshold). ``threads`` > 1: the pass is split over that many
-    threads of torch's own OpenMP team where ``team_available()`` (the same bits), else it runs on this thread."""
+    threads of torch's own OpenMP team where ``team_available()`` (the same bits), else it runs on this thread.
+    ``distribution="rademacher"``: z is the picks' signs (``normal_table``)."""
     if out.numel() == 0:
         return 0
     if out.dtype != weight.dtype or out.numel() != weight.numel():
@@ -146,8 +169,8 @@ def counter_apply_(
         32 if out.dtype == torch.float32 else 16,
         out.data_ptr(),
         weight.data_ptr(),
-        _table(torch.float32, 8).data_ptr(),
-        _magnitudes16(torch.bfloat16).data_ptr(),
+        _table(torch.float32, 8, distribution).data_ptr(),
+        _magnitudes16(torch.bfloat16, distribution).data_ptr(),
         numel,
         key & MASK64,
         start,
@@ -159,7 +182,7 @@ def counter_apply_(
     )
     if numel < out.numel():
         tail_out, tail_weight = out.view(-1)[numel:], weight.view(-1)[numel:]
-        z = counter_normal_(torch.empty_like(tail_out), key, start + numel, pick_bits=8)
+        z = counter_normal_(torch.empty_like(tail_out), key, start + numel, pick_bits=8, distribution=distribution)
         torch.add(tail_weight, z, alpha=alpha, out=tail_out)
     return count
 
@@ -222,7 +245,12 @@ def team_available() -> bool:
 
 
 def counter_normal_reference(
-    numel: int, key: int, start: int = 0, dtype: torch.dtype = torch.float32, pick_bits: int = 16
+    numel: int,
+    key: int,
+    start: int = 0,
+    dtype: torch.dtype = torch.float32,
+    pick_bits: int = 16,
+    distribution: str = "gaussian",
 ) -> torch.Tensor:
     """Entries ``start .. start + numel`` of the z stream of ``key``, with torch integer ops (int64 arithmetic wraps
     modulo 2^64 as the kernel's uint64 does; right shifts are made logical by masking the sign extension)."""
@@ -236,7 +264,7 @@ def counter_normal_reference(
     mask = (1 << pick_bits) - 1
     picks = torch.stack([_shift_right(x, pick_bits * lane) & mask for lane in range(per_word)], dim=1).view(-1)
     picks = picks[start - first * per_word : start - first * per_word + numel]
-    return _table(dtype, pick_bits)[picks]
+    return _table(dtype, pick_bits, distribution)[picks]
 
 
 @functools.cache

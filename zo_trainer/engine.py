@@ -18,7 +18,7 @@ a write and a re-read of a z buffer; the sparse mask is likewise built chunk by 
 z of schemes 3-5 is a counter-based stream (``zo_trainer.counter_noise``), 5x (scheme 5: over 10x) cheaper than
 torch's ``normal_`` that scheme 2 seeded per block. How blocks are grouped into chunks and threads changes no bit. Schemes 4-5
 draw the same stream on CUDA inside Triton kernels that apply it (``zo_trainer.triton_noise``): one read and one write
-of a tensor per pass.
+of a tensor per pass. From scheme 6 Rademacher z is that stream too (the signs of scheme 5's picks), at the same cost.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * counter_noise.SPLITMIX_MIX1) & _MASK64
     x = ((x ^ (x >> 27)) * counter_noise.SPLITMIX_MIX2) & _MASK64
     return x ^ (x >> 31)
+
+
+def _counter_based(scheme: int, distribution: str) -> bool:
+    """Whether z of ``scheme`` and ``distribution`` is ``counter_noise``'s stream: Gaussian from 3, Rademacher from 6."""
+    return scheme >= (3 if distribution == "gaussian" else 6)
 
 
 def perturbation_seed(base_seed: int, step: int, index: int = 0) -> int:
@@ -240,7 +245,7 @@ class ZOEngine:
             out = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
         seed = target_seed(step_seed, target.index)
         if self._fused(out):
-            return triton_noise.fill_(out, seed, self._pick_bits)
+            return triton_noise.fill_(out, seed, self._pick_bits, self.distribution)
         if self._blocked(out):
             flat = out.view(-1)
             self._for_each_chunk(flat, lambda start, stop, slot: self._chunk_noise(seed, start, flat[start:stop], slot))
@@ -287,9 +292,12 @@ class ZOEngine:
     # tensor is scheme 3's stream too (the same bits as on CPU), drawn inside Triton kernels that apply it
     # (``zo_trainer.triton_noise``); under 1-3 it is one ``normal_`` stream per tensor. 5 (new runs): as 4 with the
     # stream's cheaper form: 8-bit picks of 256 bf16-exact quantiles, 8 entries per word (~0.2 ns per entry on CPU
-    # with AVX-512, against 3's ~0.7; ``counter_noise``).
-    NOISE_SCHEME = 5
-    NOISE_SCHEMES = (1, 2, 3, 4, 5)
+    # with AVX-512, against 3's ~0.7; ``counter_noise``). 6 (session 15, new runs): as 5, and Rademacher z is scheme 5's
+    # stream too, the signs of its picks, on every path Gaussian z takes (applied as drawn in C on CPU, inside the
+    # Triton kernels on CUDA; under 1-5 it is torch generator bits turned into signs by torch ops, 2.5-3x the engine
+    # time of a Gaussian step on SmolLM2). Gaussian z is the same under 5 and 6.
+    NOISE_SCHEME = 6
+    NOISE_SCHEMES = (1, 2, 3, 4, 5, 6)
     NOISE_BLOCK = 1 << 16
 
     def noise_config(self) -> dict[str, int | str]:
@@ -314,7 +322,7 @@ class ZOEngine:
                 f"z was drawn with scheme {scheme}, unknown to this zo_trainer (it knows schemes {self.NOISE_SCHEMES}): "
                 "use the zo_trainer version that wrote the file, or a newer one."
             )
-        needs_triton = scheme >= 4 and distribution == "gaussian" and not triton_noise.available()
+        needs_triton = scheme >= 4 and _counter_based(scheme, distribution) and not triton_noise.available()
         if needs_triton and self._on_cuda():
             raise ValueError(
                 f"z was drawn with scheme {scheme}, whose CUDA kernels need Triton (part of PyTorch's CUDA wheels): "
@@ -351,13 +359,18 @@ class ZOEngine:
         return (
             self.APPLY_AS_DRAWN
             and self.noise_scheme >= 5
-            and self.distribution == "gaussian"
+            and self._counter_based
             and counter_noise.apply_supported(tensor)
         )
 
     def _fused(self, tensor: torch.Tensor) -> bool:
-        """Whether z of ``tensor`` is drawn inside the Triton kernels that apply it (schemes 4-5, Gaussian, CUDA)."""
-        return self.noise_scheme >= 4 and self.distribution == "gaussian" and triton_noise.supported(tensor)
+        """Whether z of ``tensor`` is drawn inside the Triton kernels that apply it (schemes 4-6, CUDA)."""
+        return self.noise_scheme >= 4 and self._counter_based and triton_noise.supported(tensor)
+
+    @property
+    def _counter_based(self) -> bool:
+        """Whether z is ``counter_noise``'s stream where a path can draw it (Gaussian from scheme 3, Rademacher from 6)."""
+        return _counter_based(self.noise_scheme, self.distribution)
 
     # The blocked paths work a chunk of up to CHUNK_BLOCKS consecutive blocks at a time: each block is still seeded
     # and drawn on its own (``_chunk_noise``: z is unchanged), but the elementwise work (perturbed copy, mask, update,
@@ -456,13 +469,13 @@ class ZOEngine:
 
     def _block_noise(self, seed: int, start: int, out: torch.Tensor, slot: int) -> torch.Tensor:
         """z of the block that starts at flat offset ``start`` of a tensor whose stream seed is ``seed``."""
-        if self._counter_gaussian(out):
-            return counter_noise.counter_normal_(out, seed, start, self._pick_bits)
+        if self._counter_drawn(out):
+            return counter_noise.counter_normal_(out, seed, start, self._pick_bits, distribution=self.distribution)
         return self._draw(out, self._block_generator(seed, start, out.device, slot), slot)
 
-    def _counter_gaussian(self, out: torch.Tensor) -> bool:
-        """Whether z of ``out`` is a counter-based Gaussian (schemes 3-5, ``zo_trainer.counter_noise``)."""
-        return self.noise_scheme >= 3 and self.distribution == "gaussian" and counter_noise.supported(out)
+    def _counter_drawn(self, out: torch.Tensor) -> bool:
+        """Whether z of ``out`` is counter-based (Gaussian from scheme 3, Rademacher from 6: ``counter_noise``)."""
+        return self._counter_based and counter_noise.supported(out)
 
     def _block_generator(self, seed: int, start: int, device: torch.device, slot: int) -> torch.Generator:
         """The ``slot`` generator, seeded for the block that starts at flat offset ``start``."""
@@ -475,8 +488,8 @@ class ZOEngine:
         a tensor's partial last block): ``_block_noise`` of each block, bit for bit. Rademacher: each block's words are
         drawn from its own seed into one chunk-sized word buffer, then turned into signs by one lookup for the chunk."""
         block, numel = self.NOISE_BLOCK, out.numel()
-        if self._counter_gaussian(out):  # Entry i's z depends on i alone: one call for the chunk.
-            return counter_noise.counter_normal_(out, seed, start, self._pick_bits)
+        if self._counter_drawn(out):  # Entry i's z depends on i alone: one call for the chunk.
+            return counter_noise.counter_normal_(out, seed, start, self._pick_bits, distribution=self.distribution)
         if self.distribution == "gaussian" or block % 64 or out.device.type != "cpu" or not out.is_contiguous():
             for offset in range(0, numel, block):
                 self._block_noise(seed, start + offset, out[offset : offset + block], slot)
@@ -618,7 +631,9 @@ class ZOEngine:
         if self._fused(original):
             out = self._noise_buffer(target, original)
             seed = target_seed(step_seed, target.index)
-            return triton_noise.perturbed_copy(original, out, seed, signed_eps, target.threshold, self._pick_bits)
+            return triton_noise.perturbed_copy(
+                original, out, seed, signed_eps, target.threshold, self._pick_bits, self.distribution
+            )
         if self._blocked(original):
             return self._perturbed_tensor_blocked(target, original, step_seed, signed_eps)
         mask = self.mask(target, original)
@@ -671,7 +686,14 @@ class ZOEngine:
         op (``_perturb_chunk``). The same bits either way."""
         if self._applied_as_drawn(values):
             counter_noise.counter_apply_(
-                out, values, seed, start, signed_eps, target.threshold, threads=self._team_threads()
+                out,
+                values,
+                seed,
+                start,
+                signed_eps,
+                target.threshold,
+                threads=self._team_threads(),
+                distribution=self.distribution,
             )
             return out
         return self._perturb_chunk(target, values, self._chunk_noise(seed, start, out, slot), signed_eps, slot)
@@ -760,7 +782,7 @@ class ZOEngine:
         scheme 3's counter-based Gaussian z of an entry depends on its index alone, and where blocks and the tensor are
         whole vector pairs (64 entries) no entry of the block path takes torch's scalar tail, so one op over the
         gathered rows gives every entry's bits as the block path does."""
-        return self._counter_gaussian(weight) and self.NOISE_BLOCK % 64 == 0 and weight.numel() % 64 == 0
+        return self._counter_drawn(weight) and self.NOISE_BLOCK % 64 == 0 and weight.numel() % 64 == 0
 
     def _perturbed_rows(
         self, target: ZOTarget, weight: torch.Tensor, rows: torch.Tensor, seed: int, signed_eps: float
@@ -778,7 +800,9 @@ class ZOEngine:
         # Runs of consecutive rows: [bounds[k], bounds[k + 1]) in ``rows``, found with one tensor op.
         bounds = [0, *(torch.nonzero(rows.diff() != 1).flatten() + 1).tolist(), rows.numel()]
         for first, end, row in zip(bounds, bounds[1:], rows[bounds[:-1]].tolist()):
-            counter_noise.counter_normal_(z[first * width : end * width], seed, row * width, self._pick_bits)
+            counter_noise.counter_normal_(
+                z[first * width : end * width], seed, row * width, self._pick_bits, distribution=self.distribution
+            )
         whole = self._whole_vector_pieces(padded, torch.get_num_threads())
         with contextlib.nullcontext() if whole else _one_intra_op_thread():
             self._perturb_chunk(target, values, z, signed_eps, 0)
@@ -844,7 +868,14 @@ class ZOEngine:
                 keys, taking_part = fused[target.index]
                 decay = -lr * target.weight_decay if target.weight_decay and lr else 0.0
                 count = triton_noise.update_(
-                    tensor, keys, taking_part, target.threshold, decay, target.min_value, self._pick_bits
+                    tensor,
+                    keys,
+                    taking_part,
+                    target.threshold,
+                    decay,
+                    target.min_value,
+                    self._pick_bits,
+                    self.distribution,
                 )
                 if count is not None:
                     masked = count if masked is None else masked + count
@@ -931,7 +962,14 @@ class ZOEngine:
                 values = flat[start:stop]
                 for seed, coefficient in live:
                     count = counter_noise.counter_apply_(
-                        values, values, seed, start, -coefficient, target.threshold, threads=self._team_threads()
+                        values,
+                        values,
+                        seed,
+                        start,
+                        -coefficient,
+                        target.threshold,
+                        threads=self._team_threads(),
+                        distribution=self.distribution,
                     )
                     if target.threshold is not None:
                         counts[slot].append(torch.tensor(float(count), dtype=torch.float64))

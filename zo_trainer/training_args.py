@@ -82,9 +82,9 @@ class ZOTrainingArguments(TrainingArguments):
             Stop with an error after this many consecutive steps skipped for a non-finite loss.
         zo_noise (`str`, *optional*, defaults to `"gaussian"`):
             Distribution of the entries of the direction z: `"gaussian"` (N(0, 1), as in the MeZO / Sparse-MeZO /
-            QZO papers; on CPU 16-bit quantiles of it from a counter-based stream, z scheme 3) or `"rademacher"` (+-1
-            with probability 1/2 each, SPSA's classic choice: the estimate is unbiased likewise). Both are about as
-            cheap to draw. Recorded in the trajectory and checkpoints, so replay and resume draw the same z.
+            QZO papers; 256 bf16-exact quantiles of it from a counter-based stream, z scheme 5) or `"rademacher"` (+-1
+            with probability 1/2 each, SPSA's classic choice: the estimate is unbiased likewise; the same stream's
+            signs, z scheme 6). Both cost the same to draw. Recorded in the trajectory and checkpoints, so replay and resume draw the same z.
 
     Which of these a method reads is its ``MethodConfig`` (``zo_trainer.methods``), built from these arguments by
     ``MethodConfig.from_training_args``.

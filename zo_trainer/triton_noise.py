@@ -1,5 +1,5 @@
-"""Gaussian z of z schemes 4-5 on CUDA: the CPU's counter stream (scheme 3's, or 5's), drawn inside the kernels that
-apply it.
+"""z of z schemes 4-6 on CUDA: the CPU's counter stream (scheme 3's, or 5's; from scheme 6 Rademacher z too, the
+signs of scheme 5's picks), drawn inside the kernels that apply it.
 
 Entry i of a tensor's z is a pure function of (the tensor's seed, i) (``zo_trainer.counter_noise``: SplitMix64's output
 function of ``key + (i // lanes) * golden``, 16 bits of it picking one of 65,536 quantiles of N(0, 1) under scheme 4,
@@ -50,10 +50,10 @@ def supported(tensor: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _table(device: torch.device, pick_bits: int) -> torch.Tensor:
+def _table(device: torch.device, pick_bits: int, distribution: str = "gaussian") -> torch.Tensor:
     """The stream's z values in fp32 on ``device``: the kernels compute in fp32, and a bf16 / fp16 z written out
-    is this value rounded once, which is the CPU table's entry in that dtype."""
-    return counter_noise.normal_table(torch.float32, pick_bits).to(device)
+    is this value rounded once, which is the CPU table's entry in that dtype. Rademacher (scheme 6): +-1."""
+    return counter_noise.normal_table(torch.float32, pick_bits, distribution).to(device)
 
 
 @functools.cache
@@ -81,11 +81,11 @@ def _grid(numel: int) -> tuple[int]:
     return (-(-numel // BLOCK),)
 
 
-def fill_(out: torch.Tensor, key: int, pick_bits: int = 16) -> torch.Tensor:
+def fill_(out: torch.Tensor, key: int, pick_bits: int = 16, distribution: str = "gaussian") -> torch.Tensor:
     """``out`` (``supported``) := entries 0 .. numel of the z stream of ``key``: ``counter_noise``'s bits."""
     if out.numel():
         fill, _, _ = _kernels()
-        table = _table(out.device, pick_bits)
+        table = _table(out.device, pick_bits, distribution)
         fill[_grid(out.numel())](out, out.numel(), _signed64(key), table, BLOCK=BLOCK, PICK_BITS=pick_bits)
     return out
 
@@ -97,13 +97,14 @@ def perturbed_copy(
     eps: float,
     threshold: float | None = None,
     pick_bits: int = 16,
+    distribution: str = "gaussian",
 ) -> torch.Tensor:
     """``out := weight + eps * z (* (|weight| <= threshold))``, z of ``key``; one read of ``weight``, one write."""
     if weight.numel():
         _, perturb, _ = _kernels()
         masked = threshold is not None
         bound = _rounded(threshold, weight.dtype) if masked else 0.0
-        table = _table(weight.device, pick_bits)
+        table = _table(weight.device, pick_bits, distribution)
         perturb[_grid(weight.numel())](
             weight,
             out,
@@ -137,6 +138,7 @@ def update_(
     decay: float = 0.0,
     min_value: float | None = None,
     pick_bits: int = 16,
+    distribution: str = "gaussian",
 ) -> torch.Tensor | None:
     """``weight -= sum_k coefficients[k] * z(keys[k]) (* mask)``, then ``weight += decay * weight (* mask)`` and
     ``weight = max(weight, min_value)``, in place, one pass; the mask is taken from the values before the update.
@@ -157,7 +159,7 @@ def update_(
         numel,
         keys,
         coefficients,
-        _table(weight.device, pick_bits),
+        _table(weight.device, pick_bits, distribution),
         _rounded(threshold, weight.dtype) if masked else 0.0,
         decay,
         0.0 if min_value is None else min_value,

@@ -92,14 +92,19 @@ def report(out: Path) -> str:
                     f"\n{name} step with Rademacher z / with Gaussian z (`--zo_noise rademacher`, same rounds): "
                     f"{speed[f'rademacher_over_gaussian_{name}']:.3f}"
                 )
-            for key, value in speed.items():  # scheme{before}_over_scheme{default}_{name}: absent before z scheme 3.
-                match = re.fullmatch(rf"scheme(\d+)_over_scheme(\d+)_{name}", key)
+            # [rademacher_]scheme{before}_over_scheme{default}_{name}: from z scheme 3.
+            for key, value in speed.items():
+                match = re.fullmatch(rf"(rademacher_)?scheme(\d+)_over_scheme(\d+)_{name}", key)
                 if match:
-                    before, after = match.groups()
+                    rademacher, before, after = match.groups()
+                    kind = "Rademacher" if rademacher else "Gaussian"
                     lines.append(
-                        f"\n{name} step with z scheme {before}'s Gaussian / with scheme {after}'s, same rounds: "
+                        f"\n{name} step with z scheme {before}'s {kind} / with scheme {after}'s, same rounds: "
                         f"{value:.3f}"
                     )
+                    engine_key = f"rademacher_scheme{before}_over_scheme{after}_engine_{name}"
+                    if rademacher and engine_key in speed:
+                        lines[-1] += f" (engine / two forwards: {speed[engine_key]:.2f}x)"
             if f"noise_threads_over_openmp_team_{name}" in speed:  # Absent before session 13.
                 lines.append(
                     f"\n{name} step with the C passes on noise threads / on torch's OpenMP team, same rounds: "

@@ -23,8 +23,9 @@ from .factories import bench_tokenizer, load_bench_model, rte_batch
 from .plots import plot_bars
 from .steppers import MeZOReferenceBaseline, ZOStepper, plain_forwards
 
-# The z scheme whose Gaussian draw the *_scheme rows time beside the default's: the before of the default on CPU.
-BEFORE_SCHEME = 4
+# The z scheme whose Rademacher draw the *_rademacher_scheme rows time beside the default's: the last one that drew it
+# from torch generator bits (the default's Gaussian z is this scheme's).
+BEFORE_SCHEME = 5
 
 
 def forwards_beside_idle_openmp_teams(model, batch, threads: int = 2) -> float:
@@ -75,13 +76,16 @@ def run_speed(
             "fp32",
             ZOStepper(m, "sparse_mezo", zo_sparsity=0.8, zo_noise="rademacher").step,
         )
-        # Gaussian z drawn as the previous z scheme did (on CPU scheme 4 draws scheme 3's 16-bit picks; replay of
-        # those runs): the before of the default scheme's draw, in the same rounds.
-        before = f"scheme{BEFORE_SCHEME}"
-        configs[f"mezo_{before}"] = ("fp32", ZOStepper(m, "mezo", noise_scheme=BEFORE_SCHEME).step)
+        # Rademacher z drawn as the previous z scheme did (torch generator bits turned into signs by torch ops; replay
+        # of those runs): the before of the default scheme's Rademacher draw, in the same rounds.
+        before = f"rademacher_scheme{BEFORE_SCHEME}"
+        configs[f"mezo_{before}"] = (
+            "fp32",
+            ZOStepper(m, "mezo", zo_noise="rademacher", noise_scheme=BEFORE_SCHEME).step,
+        )
         configs[f"sparse_mezo_{before}"] = (
             "fp32",
-            ZOStepper(m, "sparse_mezo", noise_scheme=BEFORE_SCHEME, zo_sparsity=0.8).step,
+            ZOStepper(m, "sparse_mezo", zo_noise="rademacher", noise_scheme=BEFORE_SCHEME, zo_sparsity=0.8).step,
         )
         # Scheme 5's C passes on the engine's noise threads instead of torch's OpenMP team (the engine before
         # session 13), in the same rounds.
@@ -136,7 +140,7 @@ def run_speed(
             payload = _speed_payload(
                 env, quick, batch, batch_size, max_length, repeats, models, configs, floors, steps, per_round_ratio
             )
-            _add_engine_times(payload["results"], {k: st.engine_seconds[1:] for k, st in steppers.items()})
+            _add_engine_times(payload, {k: st.engine_seconds[1:] for k, st in steppers.items()})
             if teams_floors:
                 payload["two_forwards_beside_idle_openmp_teams"] = {
                     "model": "fp32",
@@ -163,15 +167,22 @@ def run_speed(
     return payload
 
 
-def _add_engine_times(results: dict[str, dict], engine_times: dict[str, list[float]]) -> None:
+def _add_engine_times(payload: dict, engine_times: dict[str, list[float]]) -> None:
     """Each ZOStepper row's seconds inside the engine (forward hooks and update) per timed step (round 0, the warm-up,
-    left out as for the steps), and their median over
-    the median two forwards: the share of the floor the step's own work adds, whatever the host's drift."""
+    left out as for the steps), and their median over the median two forwards: the share of the floor the step's own
+    work adds, whatever the host's drift. Then the Rademacher rows' engine share, previous scheme / default."""
+    results = payload["results"]
     for name, times in engine_times.items():
         row = results[name]
         row["engine_seconds_all"] = list(times)
         row["engine_seconds_median"] = median(times)
         row["engine_over_two_forwards"] = median(times) / row["two_forwards_seconds_median"]
+    for name in ("mezo", "sparse_mezo"):
+        before, after = results.get(f"{name}_rademacher_scheme{BEFORE_SCHEME}"), results.get(f"{name}_rademacher")
+        if before and after and after.get("engine_seconds_median"):
+            payload[f"rademacher_scheme{BEFORE_SCHEME}_over_scheme{ZOEngine.NOISE_SCHEME}_engine_{name}"] = (
+                before["engine_seconds_median"] / after["engine_seconds_median"]
+            )
 
 
 def _speed_payload(
@@ -217,10 +228,11 @@ def _speed_payload(
             "(the calls ZOTrainer.training_step and HF's loop make)",
             "reference": "MeZO's zo_step/zo_update: 4 passes over weights, torch.manual_seed + torch.normal per parameter",
             "noise": f"z ~ N(0, 1) (the default; z scheme {ZOEngine.NOISE_SCHEME}: 8-bit picks of 256 quantiles from a "
-            "counter-based stream) except in the *_rademacher rows: z entries +-1 (--zo_noise rademacher), and the "
-            f"*_scheme{BEFORE_SCHEME} rows: N(0, 1) as z scheme {BEFORE_SCHEME} drew it (16-bit picks of 65,536 "
-            "quantiles, how runs before the default drew z); *_noise_threads rows: scheme 5's C passes on the "
-            "engine's noise threads, not torch's OpenMP team (the engine before session 13)",
+            "counter-based stream) except in the *_rademacher rows: z entries +-1 (--zo_noise rademacher; the same "
+            f"stream's signs), and the *_rademacher_scheme{BEFORE_SCHEME} rows: +-1 as z scheme {BEFORE_SCHEME} drew "
+            "it (torch generator bits and torch ops, how runs before the default drew Rademacher z); "
+            "*_noise_threads rows: the C passes on the engine's noise threads, not torch's OpenMP team (the engine "
+            "before session 13)",
             "statistic": "median step time / median floor time over the timed rounds; each round runs every floor and "
             "step once in a shuffled order; round 0 (warm-up) discarded",
             "engine": "engine_*: seconds inside the ZO engine's forward hooks and update during each timed step "
@@ -239,10 +251,11 @@ def _speed_payload(
             payload[f"rademacher_over_gaussian_{name}"] = (
                 results[f"{name}_rademacher"]["step_seconds_median"] / results[name]["step_seconds_median"]
             )
-    for name in ("mezo", "sparse_mezo"):  # Step time with the previous scheme's z / with the default's, same rounds.
-        if f"{name}_scheme{BEFORE_SCHEME}" in results and name in results:
-            payload[f"scheme{BEFORE_SCHEME}_over_scheme{ZOEngine.NOISE_SCHEME}_{name}"] = (
-                results[f"{name}_scheme{BEFORE_SCHEME}"]["step_seconds_median"] / results[name]["step_seconds_median"]
+    for name in ("mezo", "sparse_mezo"):  # Rademacher step with the previous scheme's z / the default's, same rounds.
+        before, after = f"{name}_rademacher_scheme{BEFORE_SCHEME}", f"{name}_rademacher"
+        if before in results and after in results:
+            payload[f"rademacher_scheme{BEFORE_SCHEME}_over_scheme{ZOEngine.NOISE_SCHEME}_{name}"] = (
+                results[before]["step_seconds_median"] / results[after]["step_seconds_median"]
             )
     for name in ("mezo", "sparse_mezo"):  # Step time with the C passes on noise threads / on torch's team.
         if f"{name}_noise_threads" in results and name in results:

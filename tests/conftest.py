@@ -6,7 +6,6 @@ Set ZO_QUANT_TEST_GPTQ_DIR=<dir> to reuse an existing GPTQ checkpoint instead of
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -163,6 +162,7 @@ def gptq_dir(base_dir, tmp_path_factory) -> str:
     if reuse and (Path(reuse) / "config.json").exists():
         return reuse
     from zo_trainer.cli.quantize import quantize
+    from zo_trainer.models import _file_lock  # the lock zo-train's model cache takes
 
     # Under pytest-xdist (CI's `-n 2`) the workers share one checkpoint: the first quantizes it under a lock in the
     # run's common temp folder, the others wait and reuse it (as zo-train's model cache does).
@@ -173,20 +173,6 @@ def gptq_dir(base_dir, tmp_path_factory) -> str:
         if not (out / "config.json").exists():
             quantize(base_dir, str(out), rte_texts(4), bits=4, group_size=64, max_length=64, batch_size=4)
     return str(out)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock on ``path`` (POSIX fcntl) while the block runs."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

@@ -485,8 +485,9 @@ class ZOEngine:
 
     def _chunk_noise(self, seed: int, start: int, out: torch.Tensor, slot: int) -> torch.Tensor:
         """z of the consecutive blocks from block-aligned flat offset ``start`` that ``out`` covers (the last one may be
-        a tensor's partial last block): ``_block_noise`` of each block, bit for bit. Rademacher: each block's words are
-        drawn from its own seed into one chunk-sized word buffer, then turned into signs by one lookup for the chunk."""
+        a tensor's partial last block): ``_block_noise`` of each block, bit for bit. Rademacher of schemes 2-5: each
+        block's words are drawn from its own seed into one chunk-sized word buffer, then turned into signs by one
+        lookup for the chunk."""
         block, numel = self.NOISE_BLOCK, out.numel()
         if self._counter_drawn(out):  # Entry i's z depends on i alone: one call for the chunk.
             return counter_noise.counter_normal_(out, seed, start, self._pick_bits, distribution=self.distribution)

@@ -196,6 +196,37 @@ def test_qzo_scales_take_rademacher_steps(tmp_path):
         torch.testing.assert_close(step, torch.full_like(step, 1e-4), rtol=1e-3, atol=1e-8, msg=target.name)
 
 
+# Made with the engine of git 4779070 (session 14: Rademacher z from torch generator bits under scheme 5, the default
+# then) by replaying ``rademacher_payload``; the engine of the commit that added scheme 6 gave the same digests.
+SCHEME_5_RADEMACHER_DIGESTS = {
+    "mezo": "eb1abe236518af401ef93abe37c6de4d4287dbc6fed11a310e781942d6c85319",
+    "sparse_mezo": "e6f820a7b49592b0ca2c3ca70565c626bfe4649b9375e578830e181d27ecba60",
+}
+
+
+def rademacher_payload(optim: str, scheme: int) -> dict:
+    """A trajectory of 3 steps x 2 perturbations with Rademacher z drawn by ``scheme`` (blocks of 1024 entries)."""
+    from test_noise_scheme import old_scheme_payload
+
+    payload = old_scheme_payload(optim)
+    payload["version"] = 3
+    payload["noise"] = {**payload["noise"], "scheme": scheme, "distribution": "rademacher", "block": 1024}
+    return payload
+
+
+@pytest.mark.parametrize("optim", ["mezo", "sparse_mezo"])
+def test_a_scheme_5_rademacher_run_replays_as_before_and_scheme_6_draws_other_z(optim):
+    """Runs of the engine before scheme 6 replay (and resume) bit for bit: their Rademacher z is still generator bits."""
+    from test_noise_scheme import weights_digest
+
+    model = tiny_model()
+    assert replay(model, rademacher_payload(optim, 5)).noise_scheme == 5
+    assert weights_digest(model) == SCHEME_5_RADEMACHER_DIGESTS[optim]
+    other = tiny_model()
+    assert replay(other, rademacher_payload(optim, 6)).noise_scheme == 6
+    assert weights_digest(other) != SCHEME_5_RADEMACHER_DIGESTS[optim]
+
+
 # ----- the user's journey: zo-train --zo_noise rademacher, then zo-replay ----------------------------------------
 def test_zo_train_with_rademacher_z_records_it_and_zo_replay_rebuilds_the_weights(
     tmp_path, tiny_model_dir, small_rte_dir

@@ -132,14 +132,15 @@ def test_the_c_fill_is_built_and_used():
     assert counter_noise._fills() is not None
 
 
-@pytest.mark.parametrize("pick_bits", counter_noise.PICK_BITS)
-def test_without_the_extension_the_reference_draws_the_same_z(pick_bits, monkeypatch):
-    expected = counter_normal_(torch.empty(5_000, dtype=torch.bfloat16), KEY, 12, pick_bits)
+@pytest.mark.parametrize("pick_bits,distribution", [(16, "gaussian"), (8, "gaussian"), (8, "rademacher")])
+def test_without_the_extension_the_reference_draws_the_same_z(pick_bits, distribution, monkeypatch):
+    draw = {"pick_bits": pick_bits, "distribution": distribution}
+    expected = counter_normal_(torch.empty(5_000, dtype=torch.bfloat16), KEY, 12, **draw)
     monkeypatch.setitem(sys.modules, "zo_trainer._counter_noise", None)  # Its import now raises ImportError.
     counter_noise._fills.cache_clear()
     try:
         with pytest.warns(UserWarning, match="C extension .* is not built"):
-            drawn = counter_normal_(torch.empty(5_000, dtype=torch.bfloat16), KEY, 12, pick_bits)
+            drawn = counter_normal_(torch.empty(5_000, dtype=torch.bfloat16), KEY, 12, **draw)
         assert torch.equal(drawn, expected)
     finally:
         counter_noise._fills.cache_clear()

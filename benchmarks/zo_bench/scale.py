@@ -50,6 +50,8 @@ from typing import Any
 
 import torch
 
+from zo_trainer.engine import ZOEngine
+
 from .common import SCHEMA_VERSION, EngineClock, log_line, write_json
 from .environment import environment
 from .scale_models import SCALE_SHAPES, build_model, param_count
@@ -176,7 +178,6 @@ def _prepare_mode(
                 loss_fn()
                 loss_fn()
     elif mode in ("qzo", "mezo", "sparse_mezo"):
-        from zo_trainer.engine import ZOEngine
         from zo_trainer.methods import get_method
         from zo_trainer.optim import ZOOptimizer
         from zo_trainer.step import zo_step
@@ -956,10 +957,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--noise_scheme",
         type=int,
-        choices=[1, 2, 3, 4, 5],
+        choices=ZOEngine.NOISE_SCHEMES,
         default=None,
         help="draw z as this z scheme of the engine (default: as new runs do), e.g. 4 to time the engine before "
-        "scheme 5's Gaussian draw on CPU, 3 before scheme 4's on CUDA; a file holds one scheme (name it with --name)",
+        "scheme 5's Gaussian draw on CPU, 3 before scheme 4's on CUDA, 5 with --zo_noise rademacher before scheme "
+        "6's Rademacher draw; a file holds one scheme (name it with --name)",
     )
     return p
 

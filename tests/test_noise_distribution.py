@@ -20,6 +20,7 @@ from torch import nn
 import test_cli
 from conftest import make_tiny_llama, state
 from test_cli import assert_ok, assert_one_line_error, cli, in_process, tiny_flags
+from test_noise_scheme import old_scheme_payload, weights_digest
 from zo_trainer.engine import ZOEngine, parameter_targets, perturbation_seed
 from zo_trainer.methods import MeZO
 from zo_trainer.training_args import ZOTrainingArguments
@@ -206,8 +207,6 @@ SCHEME_5_RADEMACHER_DIGESTS = {
 
 def rademacher_payload(optim: str, scheme: int) -> dict:
     """A trajectory of 3 steps x 2 perturbations with Rademacher z drawn by ``scheme`` (blocks of 1024 entries)."""
-    from test_noise_scheme import old_scheme_payload
-
     payload = old_scheme_payload(optim)
     payload["version"] = 3
     payload["noise"] = {**payload["noise"], "scheme": scheme, "distribution": "rademacher", "block": 1024}
@@ -217,8 +216,6 @@ def rademacher_payload(optim: str, scheme: int) -> dict:
 @pytest.mark.parametrize("optim", ["mezo", "sparse_mezo"])
 def test_a_scheme_5_rademacher_run_replays_as_before_and_scheme_6_draws_other_z(optim):
     """Runs of the engine before scheme 6 replay (and resume) bit for bit: their Rademacher z is still generator bits."""
-    from test_noise_scheme import weights_digest
-
     model = tiny_model()
     assert replay(model, rademacher_payload(optim, 5)).noise_scheme == 5
     assert weights_digest(model) == SCHEME_5_RADEMACHER_DIGESTS[optim]

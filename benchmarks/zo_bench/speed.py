@@ -137,10 +137,12 @@ def run_speed(
             for name, t in round_step.items():
                 steps[name].append(t)
                 per_round_ratio[name].append(t / round_floor[configs[name][0]])
+            engine_times = {k: st.engine_seconds[1:] for k, st in steppers.items()}
             payload = _speed_payload(
                 env, quick, batch, batch_size, max_length, repeats, models, configs, floors, steps, per_round_ratio
             )
-            _add_engine_times(payload, {k: st.engine_seconds[1:] for k, st in steppers.items()})
+            _add_engine_times(payload["results"], engine_times)
+            _add_same_round_ratios(payload)
             if teams_floors:
                 payload["two_forwards_beside_idle_openmp_teams"] = {
                     "model": "fp32",
@@ -167,21 +169,44 @@ def run_speed(
     return payload
 
 
-def _add_engine_times(payload: dict, engine_times: dict[str, list[float]]) -> None:
+def _add_engine_times(results: dict[str, dict], engine_times: dict[str, list[float]]) -> None:
     """Each ZOStepper row's seconds inside the engine (forward hooks and update) per timed step (round 0, the warm-up,
     left out as for the steps), and their median over the median two forwards: the share of the floor the step's own
-    work adds, whatever the host's drift. Then the Rademacher rows' engine share, previous scheme / default."""
-    results = payload["results"]
+    work adds, whatever the host's drift."""
     for name, times in engine_times.items():
         row = results[name]
         row["engine_seconds_all"] = list(times)
         row["engine_seconds_median"] = median(times)
         row["engine_over_two_forwards"] = median(times) / row["two_forwards_seconds_median"]
-    for name in ("mezo", "sparse_mezo"):
-        before, after = results.get(f"{name}_rademacher_scheme{BEFORE_SCHEME}"), results.get(f"{name}_rademacher")
-        if before and after and after.get("engine_seconds_median"):
-            payload[f"rademacher_scheme{BEFORE_SCHEME}_over_scheme{ZOEngine.NOISE_SCHEME}_engine_{name}"] = (
-                before["engine_seconds_median"] / after["engine_seconds_median"]
+
+
+def _add_same_round_ratios(payload: dict) -> None:
+    """Ratios of rows timed in the same rounds: the reference / ours, Rademacher / Gaussian, the previous scheme's
+    Rademacher / the default's (step and engine seconds), noise threads / torch's team."""
+    results = payload["results"]
+    if "mezo_reference_inplace" in results and "mezo" in results:
+        payload["reference_over_ours_mezo"] = (
+            results["mezo_reference_inplace"]["step_seconds_median"] / results["mezo"]["step_seconds_median"]
+        )
+    for name in ("mezo", "sparse_mezo"):  # Step time with Rademacher z / with Gaussian z, same rounds.
+        if f"{name}_rademacher" in results and name in results:
+            payload[f"rademacher_over_gaussian_{name}"] = (
+                results[f"{name}_rademacher"]["step_seconds_median"] / results[name]["step_seconds_median"]
+            )
+    for name in ("mezo", "sparse_mezo"):  # Rademacher step with the previous scheme's z / the default's, same rounds.
+        before, after = f"{name}_rademacher_scheme{BEFORE_SCHEME}", f"{name}_rademacher"
+        if before in results and after in results:
+            payload[f"rademacher_scheme{BEFORE_SCHEME}_over_scheme{ZOEngine.NOISE_SCHEME}_{name}"] = (
+                results[before]["step_seconds_median"] / results[after]["step_seconds_median"]
+            )
+            if results[after].get("engine_seconds_median"):
+                payload[f"rademacher_scheme{BEFORE_SCHEME}_over_scheme{ZOEngine.NOISE_SCHEME}_engine_{name}"] = (
+                    results[before]["engine_seconds_median"] / results[after]["engine_seconds_median"]
+                )
+    for name in ("mezo", "sparse_mezo"):  # Step time with the C passes on noise threads / on torch's team.
+        if f"{name}_noise_threads" in results and name in results:
+            payload[f"noise_threads_over_openmp_team_{name}"] = (
+                results[f"{name}_noise_threads"]["step_seconds_median"] / results[name]["step_seconds_median"]
             )
 
 
@@ -242,26 +267,6 @@ def _speed_payload(
         "results": results,
         "goals": goals,
     }
-    if "mezo_reference_inplace" in results and "mezo" in results:
-        payload["reference_over_ours_mezo"] = (
-            results["mezo_reference_inplace"]["step_seconds_median"] / results["mezo"]["step_seconds_median"]
-        )
-    for name in ("mezo", "sparse_mezo"):  # Step time with Rademacher z / with Gaussian z, same rounds.
-        if f"{name}_rademacher" in results and name in results:
-            payload[f"rademacher_over_gaussian_{name}"] = (
-                results[f"{name}_rademacher"]["step_seconds_median"] / results[name]["step_seconds_median"]
-            )
-    for name in ("mezo", "sparse_mezo"):  # Rademacher step with the previous scheme's z / the default's, same rounds.
-        before, after = f"{name}_rademacher_scheme{BEFORE_SCHEME}", f"{name}_rademacher"
-        if before in results and after in results:
-            payload[f"rademacher_scheme{BEFORE_SCHEME}_over_scheme{ZOEngine.NOISE_SCHEME}_{name}"] = (
-                results[before]["step_seconds_median"] / results[after]["step_seconds_median"]
-            )
-    for name in ("mezo", "sparse_mezo"):  # Step time with the C passes on noise threads / on torch's team.
-        if f"{name}_noise_threads" in results and name in results:
-            payload[f"noise_threads_over_openmp_team_{name}"] = (
-                results[f"{name}_noise_threads"]["step_seconds_median"] / results[name]["step_seconds_median"]
-            )
     return payload
 
 

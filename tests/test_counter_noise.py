@@ -63,11 +63,13 @@ def test_rademacher_needs_8_bit_picks():
 
 
 def test_this_machines_cpu_runs_the_avx512_fill():
-    """The project's CPUs have AVX-512 (CI's too): the test above compared both of scheme 5's loops there."""
+    """The project's CPUs have AVX-512 (CI's too): the test above compared both of scheme 5's loops there, and the
+    apply tests below the bf16 loop with AVX512_BF16's conversion where the CPU has it."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists() or "avx512bw" not in cpuinfo.read_text():
         pytest.skip("this CPU has no AVX-512BW")
     assert counter_noise.simd_fill()
+    assert counter_noise.simd_level() == (2 if "avx512_bf16" in cpuinfo.read_text() else 1)
 
 
 @pytest.mark.parametrize("pick_bits", counter_noise.PICK_BITS)
@@ -178,7 +180,7 @@ def check_apply(dtype: torch.dtype, start: int, numel: int, threshold: float | N
         else:
             mask = torch.abs(weight).le_(threshold)
             expected, inside = torch.addcmul(weight, z, mask, value=alpha), int(torch.count_nonzero(mask))
-        for simd in (True, False):
+        for simd in APPLY_LEVELS:
             out = torch.empty_like(weight)
             count = counter_noise.counter_apply_(
                 out, weight, KEY, start, alpha, threshold, simd=simd, distribution=distribution
@@ -188,6 +190,48 @@ def check_apply(dtype: torch.dtype, start: int, numel: int, threshold: float | N
         in_place = weight.clone()
         counter_noise.counter_apply_(in_place, in_place, KEY, start, alpha, threshold, distribution=distribution)
         assert torch.equal(in_place, expected)
+
+
+# The vector loops of the apply: 2 the bf16 one with AVX512_BF16's conversion, 1 AVX-512, 0 the portable loop (a level
+# this CPU lacks runs the next one down).
+APPLY_LEVELS = (2, 1, 0)
+# Weights the bf16 loop's conversion would get wrong if it took them (it reads denormals as zero and rounds NaN its own
+# way): its groups holding such sums must fall back to the rounding of the other loops.
+SPECIAL = [float("inf"), -float("inf"), 0.0, -0.0, 1e-39, -3e-39, 9.2e-41, 2.0**-126, -(2.0**-127), 3.3e38, -3.3e38]
+
+
+@pytest.mark.parametrize("threshold", [None, 0.015])
+def test_bf16_apply_rounds_special_sums_as_torch(threshold):
+    """Every loop gives torch's bits on bf16 weights holding infinities, zeros, denormals and huge values, among
+    ordinary ones, including sums that come out denormal (alpha 1e-40); with NaN weights every loop gives the portable
+    loop's bits (torch's own differ between its vector and scalar code, and training stops at a NaN weight)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(3)
+        numel = 4_099
+        weight = torch.randn(numel, generator=generator).mul_(0.02)
+        where = torch.randint(0, numel, (numel // 20,), generator=generator)
+        weight[where] = torch.tensor(SPECIAL)[torch.randint(0, len(SPECIAL), where.shape, generator=generator)]
+        weight = weight.to(torch.bfloat16)
+        z = counter_normal_(torch.empty(numel, dtype=torch.bfloat16), KEY, 11, pick_bits=8)
+        for alpha in (1e-3, -0.0123456, 1e-40, -3e-40):
+            if threshold is None:
+                expected = torch.add(weight, z, alpha=alpha)
+            else:
+                expected = torch.addcmul(weight, z, torch.abs(weight).le_(threshold), value=alpha)
+            for simd in APPLY_LEVELS:
+                out = torch.empty_like(weight)
+                counter_noise.counter_apply_(out, weight, KEY, 11, alpha, threshold, simd=simd)
+                assert torch.equal(out.view(torch.int16), expected.view(torch.int16)), (alpha, simd)
+        weight[::97] = float("nan")
+        outs = [torch.empty_like(weight) for _ in APPLY_LEVELS]
+        for out, simd in zip(outs, APPLY_LEVELS):
+            counter_noise.counter_apply_(out, weight, KEY, 11, -2.5e-3, threshold, simd=simd)
+        assert all(torch.equal(out.view(torch.int16), outs[-1].view(torch.int16)) for out in outs)
+        assert int(torch.isnan(outs[0]).sum()) == len(range(0, numel, 97))
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("threshold", [None, 0.015])

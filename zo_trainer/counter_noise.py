@@ -140,7 +140,7 @@ def counter_apply_(
     start: int,
     alpha: float,
     threshold: float | None = None,
-    simd: bool = True,
+    simd: int | None = None,
     threads: int = 1,
     distribution: str = "gaussian",
 ) -> int:
@@ -153,7 +153,9 @@ def counter_apply_(
     threshold``; ``tests/test_counter_noise.py`` checks both against torch. ``apply_supported`` tensors only. Returns
     the number of entries inside the mask (0 without a threshold). ``threads`` > 1: the pass is split over that many
     threads of torch's own OpenMP team where ``team_available()`` (the same bits), else it runs on this thread.
-    ``distribution="rademacher"``: z is the picks' signs (``normal_table``)."""
+    ``distribution="rademacher"``: z is the picks' signs (``normal_table``). ``simd``: the fastest vector loop up to
+    that level (``simd_level``) this CPU runs (default ``APPLY_SIMD``); 0 the portable loop (the same bits at every
+    level; for tests)."""
     if out.numel() == 0:
         return 0
     if out.dtype != weight.dtype or out.numel() != weight.numel():
@@ -177,7 +179,7 @@ def counter_apply_(
         scalar,
         bound,
         int(masked),
-        int(simd),
+        APPLY_SIMD if simd is None else int(simd),
         threads if team_available() else 1,
     )
     if numel < out.numel():
@@ -216,6 +218,8 @@ def last_team_size() -> int:
 
 # ZO_TRAINER_APPLY_TEAM=0: the C passes never run on torch's OpenMP team (timing comparisons).
 APPLY_TEAM = os.environ.get("ZO_TRAINER_APPLY_TEAM", "1") != "0"
+# ZO_TRAINER_APPLY_SIMD=1: the bf16 apply without AVX512_BF16's conversion, as before it (timing comparisons).
+APPLY_SIMD = int(os.environ.get("ZO_TRAINER_APPLY_SIMD", "2"))
 
 
 @functools.cache
@@ -270,7 +274,13 @@ def counter_normal_reference(
 @functools.cache
 def simd_fill() -> bool:
     """Whether scheme 5's AVX-512 fill is built and runs on this CPU."""
-    return _fills() is not None and bool(_library().zo_counter8_simd())
+    return simd_level() >= 1
+
+
+def simd_level() -> int:
+    """The C extension's vector loops this CPU runs: 0 none (or no extension), 1 AVX-512 (fills and applies), 2 also
+    the bf16 apply with AVX512_BF16's conversion."""
+    return int(_library().zo_counter8_simd()) if _fills() is not None else 0
 
 
 def _signed(value: int) -> int:

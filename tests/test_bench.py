@@ -20,6 +20,7 @@ import torch
 from benchmarks.zo_bench import accuracy, cli, common, growth, memory, study
 from benchmarks.zo_bench.common import default_rte_dir
 from conftest import HAS_GPTQ, zo_bench
+from zo_trainer import counter_noise
 
 RTE = Path(default_rte_dir())
 HAS_QUANT = all(importlib.util.find_spec(m) is not None for m in ("bitsandbytes", "gptqmodel", "optimum"))
@@ -98,7 +99,7 @@ def test_speed_quick(out, tmp_path):
             assert "engine_seconds_all" not in row
             continue
         # Time inside the engine is part of each step's time, and more than nothing (it perturbs and updates).
-        assert len(row["engine_seconds_all"]) == len(row["step_seconds_all"])
+        assert len(row["engine_seconds_all"]) == len(row["step_seconds_all"]) == len(row["engine_module_seconds_all"])
         assert all(0 < e < s for e, s in zip(row["engine_seconds_all"], row["step_seconds_all"])), name
         assert 0 < row["engine_over_two_forwards"] < row["step_seconds_median"] / row["two_forwards_seconds_median"]
     assert set(payload["goals"]) == {f"{m}_ratio_le_1.15" for m in ("mezo", "sparse_mezo", "qzo_gptq", "qzo_nf4")}
@@ -225,31 +226,35 @@ def test_growth_quick(out):
 
 def test_engine_quick_times_every_z_scheme_through_the_console_script(tmp_path):
     """zo-bench engine --quick: the engine's own work per step (no forward), z schemes 1, 2, 3, 5 (and 5 drawn into a
-    buffer then applied by torch ops: "5f"), dense and sparse.
+    buffer then applied by torch ops: "5f"; 5 with the C apply's AVX-512 loop for bf16: "5v"), dense and sparse, in
+    fp32 and (``--dtype bfloat16``, its own file) bf16.
 
     Checks the harness, not the figures: every scheme of both methods timed (wall and CPU), every module reading a
     target saw its perturbed copy in both passes (the engine's hooks did the work), and one error line for a bad flag.
     """
-    proc = zo_bench("engine", "--quick", "--out", tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    payload = json.loads((tmp_path / "engine_quick.json").read_text())
-    assert payload["suite"] == "engine" and payload["quick"] is True
-    _check_environment(payload["environment"])
-    assert payload["setup"]["torch_num_threads"] == 1  # conftest's zo_bench sets OMP_NUM_THREADS=1
-    methods = payload["shapes"]["tiny"]["methods"]
-    assert set(methods) == {"mezo", "sparse_mezo"}
-    assert methods["mezo"]["entries"] > methods["sparse_mezo"]["entries"] > 0  # sparse leaves embedding and norms
-    for row in methods.values():
-        for scheme in (1, 2, 3, 5, "5f"):
-            timed = row[f"scheme{scheme}"]
-            assert timed["noise_config"]["scheme"] == (5 if scheme == "5f" else scheme)
-            assert _finite(timed["wall_seconds_median"]) and _finite(timed["cpu_seconds_median"])
-            assert len(timed["cpu_seconds_all"]) == payload["setup"]["repeats"] == 1
-            assert timed["modules_perturbed_per_pass"] == [timed["modules_reading_targets"]]
-        assert _finite(row["ratio_cpu"]) and _finite(row["ratio_wall"]) and _finite(row["ratio_3_over_2_cpu"])
-        assert _finite(row["ratio_5_over_3_cpu"]) and _finite(row["ratio_5_over_3_wall"])
-        assert _finite(row["ratio_5_over_5f_cpu"]) and _finite(row["ratio_5_over_5f_wall"])
-    assert "| tiny | `sparse_mezo` |" in proc.stdout
+    for dtype, name in (("float32", "engine_quick.json"), ("bfloat16", "engine_quick_bfloat16.json")):
+        proc = zo_bench("engine", "--quick", "--dtype", dtype, "--out", tmp_path, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        payload = json.loads((tmp_path / name).read_text())
+        assert payload["suite"] == "engine" and payload["quick"] is True and payload["dtype"] == dtype
+        _check_environment(payload["environment"])
+        assert payload["setup"]["torch_num_threads"] == 1  # conftest's zo_bench sets OMP_NUM_THREADS=1
+        assert payload["setup"]["apply_simd_level"] == counter_noise.simd_level()
+        methods = payload["shapes"]["tiny"]["methods"]
+        assert set(methods) == {"mezo", "sparse_mezo"}
+        assert methods["mezo"]["entries"] > methods["sparse_mezo"]["entries"] > 0  # sparse: no embedding, no norms
+        for row in methods.values():
+            for scheme in (1, 2, 3, 5, "5f", "5v"):
+                timed = row[f"scheme{scheme}"]
+                assert timed["noise_config"]["scheme"] == (5 if isinstance(scheme, str) else scheme)
+                assert _finite(timed["wall_seconds_median"]) and _finite(timed["cpu_seconds_median"])
+                assert len(timed["cpu_seconds_all"]) == payload["setup"]["repeats"] == 1
+                assert timed["modules_perturbed_per_pass"] == [timed["modules_reading_targets"]]
+            assert _finite(row["ratio_cpu"]) and _finite(row["ratio_wall"]) and _finite(row["ratio_3_over_2_cpu"])
+            assert _finite(row["ratio_5_over_3_cpu"]) and _finite(row["ratio_5_over_3_wall"])
+            assert _finite(row["ratio_5_over_5f_cpu"]) and _finite(row["ratio_5_over_5f_wall"])
+            assert _finite(row["ratio_5_over_5v_cpu"]) and _finite(row["ratio_5_over_5v_wall"])
+        assert "| tiny | `sparse_mezo` |" in proc.stdout and "5 / AVX-512 loop (CPU)" in proc.stdout
     # An engine.json written before scheme 3 (the committed one, less its scheme-3 figures) still makes a table.
     from benchmarks.zo_bench.engine_cost import table
 

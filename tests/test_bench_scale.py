@@ -411,6 +411,7 @@ def test_paired_rounds_give_the_median_of_interleaved_ratios(tmp_path):
     # Seconds inside the engine, one per step, each inside its step; their share of two forwards over the rounds.
     engine = row["engine_seconds"]
     assert len(engine) == len(steps) and all(0 < e < t for e, t in zip(engine, steps))
+    assert len(row["engine_module_seconds"]) == len(steps) and min(row["engine_module_seconds"]) >= 0
     share = payload["ratios"]["tiny"]["mezo_bf16_engine_over_two_forwards"]
     middle = sorted(forwards)[1:3]  # Four timings of the forwards: their median is the mean of the middle two.
     assert share == pytest.approx(sorted(engine[1:])[1] / (sum(middle) / 2)) and 0 < share < max(ratios)

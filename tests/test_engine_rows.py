@@ -5,11 +5,13 @@ either exists. ``engine.row_blocked = False`` is the whole-tensor path, the refe
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.zo_bench.common import EngineClock
 from conftest import make_tiny_llama
 from zo_trainer.engine import ZOEngine, perturbation_seed, projected_gradient
 from zo_trainer.methods import MeZO
@@ -77,6 +79,25 @@ def test_perturbed_rows_equal_the_whole_tensor_path(optim, tied, threads, small_
         assert (logits - unperturbed).abs().max() > 1e-3  # The lm_head was perturbed at all.
     largest = max(buffer.numel() for buffer in rows._scratch._buffers.values())
     assert largest < VOCAB * HIDDEN / 4  # No perturbed copy of the embedding or lm_head was made.
+    # The lm_head's matmuls ran inside the hook, in the module's place: timed apart as module work (not engine work).
+    assert rows.module_seconds > 0 and whole.module_seconds == 0
+
+
+def test_engine_clock_leaves_the_module_work_of_the_hooks_out(small_blocks):
+    """zo-bench's EngineClock times the hooks and the update, less the vocab projection's matmuls the row path runs
+    in the module's place (forward work a plain forward does too), which it reports apart."""
+    model = tiny(False)
+    engine, _, _ = build("mezo", model, row_blocked=True)
+    clock = EngineClock(engine)
+    hidden = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(2))
+    started = time.perf_counter()
+    with torch.no_grad(), engine.perturbed(perturbation_seed(0, 1), 1e-2):
+        model.lm_head(hidden)
+    outside = time.perf_counter() - started
+    inside = clock.lap()
+    assert clock.last_module_seconds == engine.module_seconds > 0
+    assert 0 < inside and inside + clock.last_module_seconds <= outside
+    assert clock.lap() == 0 and clock.last_module_seconds == 0  # Nothing ran since.
 
 
 def test_small_lm_head_and_other_paths_are_the_whole_tensor_path(small_blocks, monkeypatch):

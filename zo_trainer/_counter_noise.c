@@ -223,7 +223,10 @@ APPLY8_SIMD(apply8_avx512_16, uint16_t, load16_16, store16_16)
  * interleaved within 128-bit lanes, the same order for both), and the sums are rounded by VCVTNE2PS2BF16 (round to
  * nearest even, as the loop above) and put back in order by one word permutation. That instruction reads denormal
  * inputs as zero, and rounds NaN otherwise than torch: a group of 32 whose sums hold either is rounded as above
- * instead (weights are never that small or NaN in training: the engine stops on non-finite weights). */
+ * instead (rare: weights below 1.2e-38 are, and training stops at a non-finite weight). Compilers older than GCC 10
+ * / clang 9 do not know the instruction: there the AVX-512 loop does the work. */
+#if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10
+#define BF16_BUILT 1
 #define AVX512BF16 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16")))
 
 AVX512BF16 static inline __m512i bf16_rounded32(__m512 low, __m512 high, __m512i order) {
@@ -265,6 +268,9 @@ AVX512BF16 static int64_t apply8_bf16_16(uint16_t *out, const uint16_t *w, const
     }
     return count;
 }
+#else
+#define BF16_BUILT 0
+#endif
 
 static int simd_usable(void) {
     static int usable = -1; /* checked once: every fill and apply asks */
@@ -275,16 +281,22 @@ static int simd_usable(void) {
 }
 
 static int bf16_usable(void) {
+#if BF16_BUILT
     static int usable = -1;
     if (usable < 0) usable = simd_usable() && __builtin_cpu_supports("avx512bf16");
     return usable;
+#else
+    return 0;
+#endif
 }
 
 /* The vector loops by level: `simd` 1 the AVX-512 loop, 2 (the default) the BF16 one where the CPU has it. */
 static int64_t apply8_simd_16(uint16_t *out, const uint16_t *w, const uint16_t *magnitudes, int64_t words,
                               uint64_t key, uint64_t first, float alpha, float threshold, int masked, int simd) {
+#if BF16_BUILT
     if (simd >= 2 && bf16_usable())
         return apply8_bf16_16(out, w, magnitudes, words, key, first, alpha, threshold, masked);
+#endif
     return apply8_avx512_16(out, w, magnitudes, words, key, first, alpha, threshold, masked);
 }
 static int64_t apply8_simd_32(float *out, const float *w, const uint16_t *magnitudes, int64_t words, uint64_t key,

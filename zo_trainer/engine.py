@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -169,6 +170,9 @@ class ZOEngine:
         # The vocab projection is told apart from other Linears by its row count: that of an embedding target.
         self._vocab_sizes = {m.num_embeddings for m in self._by_module if isinstance(m, nn.Embedding)}
         self.mask_fraction_sum: torch.Tensor | None = None  # Sum over updates of the updated fraction.
+        # Seconds the hooks spent on a module's own output in its place (the vocab projection's matmuls over perturbed
+        # rows): forward work, not the engine's; timing tools (zo-bench's EngineClock) subtract it from the hooks'.
+        self.module_seconds = 0.0
         self.num_updates = 0
         self.thresholds_fixed = False  # Set once Sparse-MeZO thresholds are computed or restored.
         self.install()
@@ -836,7 +840,9 @@ class ZOEngine:
             full = filled // width
             if full:
                 rows = chunk[: full * width].view(full, width)
+                started = time.perf_counter()
                 torch.mm(inputs, rows.t(), out=out[:, row : row + full])
+                self.module_seconds += time.perf_counter() - started
                 chunk[: filled - full * width].copy_(chunk[full * width : filled])  # Disjoint: the rest < width.
             row, carry = row + full, filled - full * width
         return out.view(*x.shape[:-1], num_rows)

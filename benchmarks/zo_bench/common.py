@@ -62,11 +62,16 @@ def timed(fn: Callable[[], Any]) -> float:
 
 class EngineClock:
     """Seconds spent inside a ZO engine's forward hooks and update: the step's own work (perturbed copies, z, the
-    update; on CUDA the host's time issuing it). Wraps the methods on the instance and registers the hooks again, so
-    the hooks and the update the optimizer calls are the timed ones; nothing else changes."""
+    update; on CUDA the host's time issuing it), less the module work the hooks do in a module's place (the vocab
+    projection's matmuls over perturbed rows, ``ZOEngine.module_seconds``: forward work a plain forward does too),
+    which ``last_module_seconds`` keeps apart. Wraps the methods on the instance and registers the hooks again, so the hooks
+    and the update the optimizer calls are the timed ones; nothing else changes."""
 
     def __init__(self, engine) -> None:
+        self._engine = engine
         self._seconds = 0.0
+        self._module_start = engine.module_seconds
+        self.last_module_seconds = 0.0  # The last lap's module work inside the hooks, left out of the lap.
         for name in ("_pre_forward", "_post_forward", "update"):
             setattr(engine, name, self._timed(getattr(engine, name)))
         if engine._hooks:
@@ -84,9 +89,12 @@ class EngineClock:
         return timed_call
 
     def lap(self) -> float:
-        """Seconds since the last lap (or since wrapping), and start counting again."""
+        """The engine's seconds since the last lap (or since wrapping), and start counting again."""
+        module = self._engine.module_seconds - self._module_start
+        self._module_start = self._engine.module_seconds
         seconds, self._seconds = self._seconds, 0.0
-        return seconds
+        self.last_module_seconds = module
+        return seconds - module
 
 
 def median(xs: Iterable[float]) -> float:

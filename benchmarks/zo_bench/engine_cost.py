@@ -15,8 +15,11 @@ Every configuration (method x scheme) runs once per round, in the same process, 
 round; round 0 is a warm-up (scratch buffers) and is discarded. Wall time and process CPU time (all threads) are
 recorded: the CPU may be shared, and CPU time is the less disturbed of the two. The figures are scheme 2 / scheme 1
 (blocks drawn where they are used vs whole tensors), scheme 3 / scheme 2 (counter-based Gaussian z vs normal_) and
-scheme 5 / scheme 3 (8-bit picks of 256 values vs 16-bit picks of 65,536), and scheme 5 / "5f" (z applied as it is
-drawn, in one C pass, vs drawn into a buffer and then applied by a torch op: the same bits).
+scheme 5 / scheme 3 (8-bit picks of 256 values vs 16-bit picks of 65,536), scheme 5 / "5f" (z applied as it is
+drawn, in one C pass, vs drawn into a buffer and then applied by a torch op: the same bits), and scheme 5 / "5v" (the
+C pass's bf16 loop with AVX512_BF16's conversion vs the AVX-512 loop without it, the loop before session 16: the same
+bits; fp32 tensors have one loop, so there the two configurations time the same code). ``--dtype bfloat16`` builds
+the tensors in bf16 (the dtype of the 1B+ scale points) and writes ``engine_bfloat16.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zo_trainer import counter_noise
 from zo_trainer.engine import ZOEngine, ZOTarget, parameter_targets, perturbation_seed
 
 from .common import SCHEMA_VERSION, log_line, median, write_json
@@ -80,7 +84,11 @@ SCHEMES = (1, 2, 3, 5)  # The CPU z schemes: 4 draws as 3 on CPU (it differs on 
 # Scheme 5 with z drawn into a buffer, then applied by torch ops (the engine before z was applied as drawn): the same
 # bits, the before of ``ratio_5_over_5f``.
 FILL_THEN_OP = "5f"
-CONFIGS = (*SCHEMES, FILL_THEN_OP)
+# Scheme 5 with the C apply's AVX-512 loop for bf16 (widening and rounding by integer ops), not the one with AVX512_BF16's
+# conversion: the same bits, the before of ``ratio_5_over_5v`` (``counter_noise.APPLY_SIMD`` 1 during its steps).
+AVX512_LOOP = "5v"
+CONFIGS = (*SCHEMES, FILL_THEN_OP, AVX512_LOOP)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SPARSITY = 0.8
 EPS = 1e-3
 COEFFICIENT = 1e-9  # lr * projected gradient: small, so the thresholds' masks stay what they were.
@@ -102,7 +110,7 @@ class _Holder(nn.Module):
 class ShapeModel(nn.Module):
     """The tensors of a Llama-like model, in the order a forward reads them; ``forward()`` calls every holder."""
 
-    def __init__(self, shape: dict[str, Any], seed: int = 0) -> None:
+    def __init__(self, shape: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         hidden, inner = shape["hidden_size"], shape["intermediate_size"]
@@ -110,10 +118,10 @@ class ShapeModel(nn.Module):
         kv_out = shape["num_key_value_heads"] * shape["head_dim"]
 
         def matrix(rows: int, cols: int) -> nn.Parameter:  # nn.Linear's (out, in) layout, initializer_range 0.02
-            return nn.Parameter(torch.randn(rows, cols, generator=generator) * 0.02)
+            return nn.Parameter((torch.randn(rows, cols, generator=generator) * 0.02).to(dtype))
 
         def norm() -> nn.Parameter:
-            return nn.Parameter(torch.ones(hidden))
+            return nn.Parameter(torch.ones(hidden, dtype=dtype))
 
         self.embed_tokens = _Holder(weight=matrix(shape["vocab_size"], hidden)) if shape["embedding"] else None
         self.layers = nn.ModuleList()
@@ -150,7 +158,7 @@ def method_targets(model: ShapeModel, method: str) -> list[ZOTarget]:
 
 def build_engine(model: ShapeModel, method: str, scheme: int | str) -> ZOEngine:
     engine = ZOEngine(method_targets(model, method))
-    engine.load_noise_config({**engine.noise_config(), "scheme": 5 if scheme == FILL_THEN_OP else scheme})
+    engine.load_noise_config({**engine.noise_config(), "scheme": 5 if isinstance(scheme, str) else scheme})
     if scheme == FILL_THEN_OP:
         engine.APPLY_AS_DRAWN = False
     if method == "sparse_mezo":
@@ -158,23 +166,28 @@ def build_engine(model: ShapeModel, method: str, scheme: int | str) -> ZOEngine:
     return engine
 
 
-def engine_step(engine: ZOEngine, model: ShapeModel, step: int) -> list[int]:
+def engine_step(engine: ZOEngine, model: ShapeModel, step: int, apply_simd: int | None = None) -> list[int]:
     """Two perturbed passes over every target and the update, as a ZO step with one direction does them; returns
-    how many modules read a perturbed copy in each pass."""
+    how many modules read a perturbed copy in each pass. ``apply_simd``: the C apply's loop level for this step."""
     seed = perturbation_seed(0, step)
-    with torch.no_grad():
-        with engine.perturbed(seed, +EPS):
-            plus = model()
-        with engine.perturbed(seed, -EPS):
-            minus = model()
-    engine.update([seed], [COEFFICIENT])
+    default = counter_noise.APPLY_SIMD
+    counter_noise.APPLY_SIMD = default if apply_simd is None else apply_simd
+    try:
+        with torch.no_grad():
+            with engine.perturbed(seed, +EPS):
+                plus = model()
+            with engine.perturbed(seed, -EPS):
+                minus = model()
+        engine.update([seed], [COEFFICIENT])
+    finally:
+        counter_noise.APPLY_SIMD = default
     return [plus, minus]
 
 
-def measure_shape(name: str, repeats: int, on_round=None) -> dict[str, Any]:
+def measure_shape(name: str, repeats: int, on_round=None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Interleaved rounds of every method x scheme on the tensors of ``name``; medians and scheme 2 / scheme 1."""
     shape = ENGINE_SHAPES[name]
-    model = ShapeModel(shape)
+    model = ShapeModel(shape, dtype=dtype)
     engines = {(method, scheme): build_engine(model, method, scheme) for method in METHODS for scheme in CONFIGS}
     for engine in engines.values():  # Only one engine's hooks are installed at a time.
         engine.remove()
@@ -188,7 +201,7 @@ def measure_shape(name: str, repeats: int, on_round=None) -> dict[str, Any]:
             engine = engines[key]
             engine.install()
             w0, c0 = time.perf_counter(), time.process_time()
-            reads = engine_step(engine, model, round_index)
+            reads = engine_step(engine, model, round_index, 1 if key[1] == AVX512_LOOP else None)
             w1, c1 = time.perf_counter(), time.process_time()
             engine.remove()
             perturbed_reads[key].update(reads)
@@ -231,6 +244,9 @@ def _shape_result(name, shape, model, engines, wall, cpu, perturbed_reads) -> di
         before = row[f"scheme{FILL_THEN_OP}"]
         row["ratio_5_over_5f_wall"] = fifth["wall_seconds_median"] / before["wall_seconds_median"]
         row["ratio_5_over_5f_cpu"] = fifth["cpu_seconds_median"] / before["cpu_seconds_median"]
+        avx512 = row[f"scheme{AVX512_LOOP}"]
+        row["ratio_5_over_5v_wall"] = fifth["wall_seconds_median"] / avx512["wall_seconds_median"]
+        row["ratio_5_over_5v_cpu"] = fifth["cpu_seconds_median"] / avx512["cpu_seconds_median"]
         row["entries"] = engines[(method, SCHEMES[0])].total_numel
         row["tensors"] = len(engines[(method, SCHEMES[0])].targets)
         methods[method] = row
@@ -244,12 +260,14 @@ def _shape_result(name, shape, model, engines, wall, cpu, perturbed_reads) -> di
     }
 
 
-def run_engine_cost(out: Path, shapes: list[str], repeats: int, quick: bool) -> dict[str, Any]:
-    path = out / ("engine_quick.json" if quick else "engine.json")
+def run_engine_cost(out: Path, shapes: list[str], repeats: int, quick: bool, dtype: str = "float32") -> dict[str, Any]:
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    path = out / (f"engine_quick{suffix}.json" if quick else f"engine{suffix}.json")
     payload: dict[str, Any] = {
         "suite": "engine",
         "schema_version": SCHEMA_VERSION,
         "quick": quick,
+        "dtype": dtype,
         "environment": environment(),
         "setup": {
             "step": "engine.perturbed(seed, +eps) and (seed, -eps) around a forward of no-op modules (the engine's "
@@ -265,11 +283,14 @@ def run_engine_cost(out: Path, shapes: list[str], repeats: int, quick: bool) -> 
                 "5": "as 3, the stream's 8-bit picks of 256 bf16-exact values (AVX-512 permutes) instead of 16-bit "
                 "picks of 65,536 (a table in memory), applied as it is drawn (one C pass per chunk)",
                 "5f": "scheme 5's z drawn into a chunk buffer, then applied by torch ops (the engine before session 12)",
+                "5v": "scheme 5 with the C apply's AVX-512 loop for bf16, without AVX512_BF16's conversion (the loop "
+                "before session 16; fp32 tensors: the same code as 5)",
             },
+            "apply_simd_level": counter_noise.simd_level(),
             "repeats": repeats,
             "statistic": "median over rounds; each round runs every method x scheme once, order reversed every other "
             "round; round 0 (warm-up) discarded; ratio = scheme 2 median / scheme 1 median; ratio_3_over_2 = scheme 3 "
-            "median / scheme 2 median; ratio_5_over_3 and ratio_5_over_5f likewise",
+            "median / scheme 2 median; ratio_5_over_3, ratio_5_over_5f and ratio_5_over_5v likewise",
             "torch_num_threads": torch.get_num_threads(),
             "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
             "load_average_at_start": os.getloadavg(),
@@ -284,21 +305,21 @@ def run_engine_cost(out: Path, shapes: list[str], repeats: int, quick: bool) -> 
             payload["load_average_end"] = os.getloadavg()
             write_json(path, payload)
 
-        measure_shape(name, repeats, on_round=save)
+        measure_shape(name, repeats, on_round=save, dtype=DTYPES[dtype])
     print(table(payload))
     log_line(f"engine -> {path}")
     return payload
 
 
 def table(payload: dict[str, Any]) -> str:
-    """The results as a markdown table (median CPU seconds per engine step, scheme 2 / 1, 3 / 2 and 5 / 3, CPU and
-    wall). Files written before scheme 3 or 5 have no values in their columns ("-")."""
-    lines = [
-        "| shapes | method | entries | scheme 1 CPU s | scheme 2 CPU s | scheme 3 CPU s | scheme 5 CPU s | scheme 5, "
-        "fill then op CPU s | 2 / 1 (CPU) | 3 / 2 (CPU) | 5 / 3 (CPU) | 5 / fill then op (CPU) | 2 / 1 (wall) "
-        "| 3 / 2 (wall) | 5 / 3 (wall) | 5 / fill then op (wall) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    """The results as a markdown table (median CPU seconds per engine step; scheme 2 / 1, 3 / 2, 5 / 3, 5 / fill then
+    op and 5 / AVX-512 loop, CPU and wall). Files written before a configuration have "-" in its columns."""
+    ratios = [("ratio", "2 / 1"), ("ratio_3_over_2", "3 / 2"), ("ratio_5_over_3", "5 / 3")]
+    ratios += [("ratio_5_over_5f", "5 / fill then op"), ("ratio_5_over_5v", "5 / AVX-512 loop")]
+    names = {FILL_THEN_OP: "scheme 5, fill then op", AVX512_LOOP: "scheme 5, AVX-512 loop"}
+    header = ["shapes", "method", "entries"] + [f"{names.get(c, f'scheme {c}')} CPU s" for c in CONFIGS]
+    header += [f"{label} (CPU)" for _, label in ratios] + [f"{label} (wall)" for _, label in ratios]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def cell(row: dict[str, Any], key: str, bold: bool = False, digits: int = 2) -> str:
         if key not in row:
@@ -308,14 +329,11 @@ def table(payload: dict[str, Any]) -> str:
     for name, result in payload["shapes"].items():
         for method, row in result["methods"].items():
             seconds = {k: v["cpu_seconds_median"] for k, v in row.items() if k.startswith("scheme")}
-            lines.append(
-                f"| {name} | `{method}` | {row['entries'] / 1e6:.1f}M | "
-                + " | ".join(cell(seconds, f"scheme{s}", digits=3) for s in CONFIGS)
-                + f" | {cell(row, 'ratio_cpu', True)} | {cell(row, 'ratio_3_over_2_cpu', True)} | "
-                f"{cell(row, 'ratio_5_over_3_cpu', True)} | {cell(row, 'ratio_5_over_5f_cpu', True)} | "
-                f"{cell(row, 'ratio_wall')} | {cell(row, 'ratio_3_over_2_wall')} | {cell(row, 'ratio_5_over_3_wall')} | "
-                f"{cell(row, 'ratio_5_over_5f_wall')} |"
-            )
+            cells = [name, f"`{method}`", f"{row['entries'] / 1e6:.1f}M"]
+            cells += [cell(seconds, f"scheme{c}", digits=3) for c in CONFIGS]
+            cells += [cell(row, f"{key}_cpu" if key != "ratio" else "ratio_cpu", True) for key, _ in ratios]
+            cells += [cell(row, f"{key}_wall" if key != "ratio" else "ratio_wall") for key, _ in ratios]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -330,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated tensor sets from {[s for s in ENGINE_SHAPES if s != 'tiny']}",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default="float32", help="the tensors' dtype (bfloat16: engine_bfloat16.json)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes (--shapes ignored), one round: for a test")
     p.add_argument("--out", default="benchmarks/results", help="folder for engine.json (engine_quick.json)")
     return p
@@ -352,5 +373,5 @@ def main_engine_cost(argv: list[str] | None = None, parser: argparse.ArgumentPar
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run_engine_cost(out, shapes, repeats, args.quick)
+    run_engine_cost(out, shapes, repeats, args.quick, args.dtype)
     return 0

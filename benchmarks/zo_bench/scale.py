@@ -202,6 +202,7 @@ def _prepare_mode(
         extra["zo_target_numel"] = engine.total_numel
         state = {"step": 0}
         engine_seconds = extra["engine_seconds"] = []  # per step: the step's own work (``EngineClock``)
+        module_seconds = extra["engine_module_seconds"] = []  # per step: forward work the hooks did (not in the above)
         clock = EngineClock(engine)
 
         def run_step() -> None:
@@ -210,6 +211,7 @@ def _prepare_mode(
             optimizer.step()
             state["step"] += 1
             engine_seconds.append(clock.lap())
+            module_seconds.append(clock.last_module_seconds)
     elif mode == "adamw":
         model.train()
         params = [p for p in model.parameters() if p.is_floating_point()]

@@ -137,7 +137,7 @@ def run_speed(
             for name, t in round_step.items():
                 steps[name].append(t)
                 per_round_ratio[name].append(t / round_floor[configs[name][0]])
-            engine_times = {k: st.engine_seconds[1:] for k, st in steppers.items()}
+            engine_times = {k: (st.engine_seconds[1:], st.module_seconds[1:]) for k, st in steppers.items()}
             payload = _speed_payload(
                 env, quick, batch, batch_size, max_length, repeats, models, configs, floors, steps, per_round_ratio
             )
@@ -169,13 +169,15 @@ def run_speed(
     return payload
 
 
-def _add_engine_times(results: dict[str, dict], engine_times: dict[str, list[float]]) -> None:
-    """Each ZOStepper row's seconds inside the engine (forward hooks and update) per timed step (round 0, the warm-up,
-    left out as for the steps), and their median over the median two forwards: the share of the floor the step's own
-    work adds, whatever the host's drift."""
-    for name, times in engine_times.items():
+def _add_engine_times(results: dict[str, dict], engine_times: dict[str, tuple[list[float], list[float]]]) -> None:
+    """Each ZOStepper row's seconds inside the engine (forward hooks and update, less the module work the hooks do in
+    a module's place, kept as ``engine_module_seconds_all``) per timed step (round 0, the warm-up, left out as for the
+    steps), and their median over the median two forwards: the share of the floor the step's own work adds, whatever
+    the host's drift."""
+    for name, (times, module_times) in engine_times.items():
         row = results[name]
         row["engine_seconds_all"] = list(times)
+        row["engine_module_seconds_all"] = list(module_times)
         row["engine_seconds_median"] = median(times)
         row["engine_over_two_forwards"] = median(times) / row["two_forwards_seconds_median"]
 

@@ -62,6 +62,7 @@ class ZOStepper:
         # Seconds inside the engine per step: the step's own work, which the host's drift between timings does not
         # blur as it does a step / two-forwards ratio.
         self.engine_seconds: list[float] = []
+        self.module_seconds: list[float] = []  # Forward work the hooks did in a module's place (not engine work).
         self._engine_clock = EngineClock(self.engine)
         self.engine.remove()  # hooks only while this stepper runs (so other measurements see a plain model)
 
@@ -85,6 +86,7 @@ class ZOStepper:
         finally:
             self.engine.remove()
             self.engine_seconds.append(self._engine_clock.lap())
+            self.module_seconds.append(self._engine_clock.last_module_seconds)
 
 
 class MeZOReferenceBaseline:

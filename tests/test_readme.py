@@ -402,7 +402,10 @@ def run_command(command: Command, work: Path, model: Path) -> None:
 
 
 COMMANDS = readme_commands()
-pytestmark = pytest.mark.slow  # ~19 console-script runs and 3 python blocks of ~5-10 s each: 2-3 minutes on 2 cores.
+# ~19 console-script runs and 3 python blocks of ~5-10 s each: 2-3 minutes on 2 cores. The commands run in README
+# order in one scratch folder (a later one reads what an earlier one wrote): under -n, pyproject's --dist loadfile
+# keeps them on one worker.
+pytestmark = pytest.mark.slow
 
 
 def test_the_readme_has_the_commands_this_test_knows_how_to_run():

@@ -64,8 +64,8 @@ class EngineClock:
     """Seconds spent inside a ZO engine's forward hooks and update: the step's own work (perturbed copies, z, the
     update; on CUDA the host's time issuing it), less the module work the hooks do in a module's place (the vocab
     projection's matmuls over perturbed rows, ``ZOEngine.module_seconds``: forward work a plain forward does too),
-    which ``last_module_seconds`` keeps apart. Wraps the methods on the instance and registers the hooks again, so the hooks
-    and the update the optimizer calls are the timed ones; nothing else changes."""
+    which ``last_module_seconds`` keeps apart. Wraps the methods on the instance and registers the hooks again, so
+    the hooks and the update the optimizer calls are the timed ones; nothing else changes."""
 
     def __init__(self, engine) -> None:
         self._engine = engine

@@ -88,6 +88,14 @@ FILL_THEN_OP = "5f"
 # conversion: the same bits, the before of ``ratio_5_over_5v`` (``counter_noise.APPLY_SIMD`` 1 during its steps).
 AVX512_LOOP = "5v"
 CONFIGS = (*SCHEMES, FILL_THEN_OP, AVX512_LOOP)
+# Each ratio reported: its name, the config timed after over the config timed before, and its column in the table.
+RATIOS = (
+    ("ratio", 2, 1, "2 / 1"),
+    ("ratio_3_over_2", 3, 2, "3 / 2"),
+    ("ratio_5_over_3", 5, 3, "5 / 3"),
+    ("ratio_5_over_5f", 5, FILL_THEN_OP, "5 / fill then op"),
+    ("ratio_5_over_5v", 5, AVX512_LOOP, "5 / AVX-512 loop"),
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SPARSITY = 0.8
 EPS = 1e-3
@@ -232,21 +240,12 @@ def _shape_result(name, shape, model, engines, wall, cpu, perturbed_reads) -> di
                 "modules_reading_targets": sum(len(t.modules) for t in engine.targets),
                 "modules_perturbed_per_pass": sorted(perturbed_reads[(method, scheme)]),
             }
-        first, second, third = row["scheme1"], row["scheme2"], row["scheme3"]
-        row["ratio_wall"] = second["wall_seconds_median"] / first["wall_seconds_median"]
-        row["ratio_cpu"] = second["cpu_seconds_median"] / first["cpu_seconds_median"]
+        for name, after, before, _ in RATIOS:
+            for clock in ("wall", "cpu"):
+                seconds = f"{clock}_seconds_median"
+                row[f"{name}_{clock}"] = row[f"scheme{after}"][seconds] / row[f"scheme{before}"][seconds]
+        first, second = row["scheme1"], row["scheme2"]
         row["per_round_ratio_cpu"] = [b / a for a, b in zip(first["cpu_seconds_all"], second["cpu_seconds_all"])]
-        row["ratio_3_over_2_wall"] = third["wall_seconds_median"] / second["wall_seconds_median"]
-        row["ratio_3_over_2_cpu"] = third["cpu_seconds_median"] / second["cpu_seconds_median"]
-        fifth = row["scheme5"]
-        row["ratio_5_over_3_wall"] = fifth["wall_seconds_median"] / third["wall_seconds_median"]
-        row["ratio_5_over_3_cpu"] = fifth["cpu_seconds_median"] / third["cpu_seconds_median"]
-        before = row[f"scheme{FILL_THEN_OP}"]
-        row["ratio_5_over_5f_wall"] = fifth["wall_seconds_median"] / before["wall_seconds_median"]
-        row["ratio_5_over_5f_cpu"] = fifth["cpu_seconds_median"] / before["cpu_seconds_median"]
-        avx512 = row[f"scheme{AVX512_LOOP}"]
-        row["ratio_5_over_5v_wall"] = fifth["wall_seconds_median"] / avx512["wall_seconds_median"]
-        row["ratio_5_over_5v_cpu"] = fifth["cpu_seconds_median"] / avx512["cpu_seconds_median"]
         row["entries"] = engines[(method, SCHEMES[0])].total_numel
         row["tensors"] = len(engines[(method, SCHEMES[0])].targets)
         methods[method] = row
@@ -314,11 +313,9 @@ def run_engine_cost(out: Path, shapes: list[str], repeats: int, quick: bool, dty
 def table(payload: dict[str, Any]) -> str:
     """The results as a markdown table (median CPU seconds per engine step; scheme 2 / 1, 3 / 2, 5 / 3, 5 / fill then
     op and 5 / AVX-512 loop, CPU and wall). Files written before a configuration have "-" in its columns."""
-    ratios = [("ratio", "2 / 1"), ("ratio_3_over_2", "3 / 2"), ("ratio_5_over_3", "5 / 3")]
-    ratios += [("ratio_5_over_5f", "5 / fill then op"), ("ratio_5_over_5v", "5 / AVX-512 loop")]
     names = {FILL_THEN_OP: "scheme 5, fill then op", AVX512_LOOP: "scheme 5, AVX-512 loop"}
     header = ["shapes", "method", "entries"] + [f"{names.get(c, f'scheme {c}')} CPU s" for c in CONFIGS]
-    header += [f"{label} (CPU)" for _, label in ratios] + [f"{label} (wall)" for _, label in ratios]
+    header += [f"{label} (CPU)" for *_, label in RATIOS] + [f"{label} (wall)" for *_, label in RATIOS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def cell(row: dict[str, Any], key: str, bold: bool = False, digits: int = 2) -> str:
@@ -331,8 +328,8 @@ def table(payload: dict[str, Any]) -> str:
             seconds = {k: v["cpu_seconds_median"] for k, v in row.items() if k.startswith("scheme")}
             cells = [name, f"`{method}`", f"{row['entries'] / 1e6:.1f}M"]
             cells += [cell(seconds, f"scheme{c}", digits=3) for c in CONFIGS]
-            cells += [cell(row, f"{key}_cpu" if key != "ratio" else "ratio_cpu", True) for key, _ in ratios]
-            cells += [cell(row, f"{key}_wall" if key != "ratio" else "ratio_wall") for key, _ in ratios]
+            cells += [cell(row, f"{key}_cpu", True) for key, *_ in RATIOS]
+            cells += [cell(row, f"{key}_wall") for key, *_ in RATIOS]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -158,12 +158,19 @@ def test_qzo_step_time_through_the_trainer(tmp_path):
 
     gptq = gptq_dir(True, tmp_path, tiny_model_dir(tmp_path))
     proc = zo_bench(
-        "qzo-step-time", "--gptq_dir", gptq, "--backends", "gptq", "--steps", 1, "--batch", 2, "--max_length", 64,
-        "--threads", 1, "--data_dir", RTE,
+        "qzo-step-time", "--gptq_dir", gptq, "--backends", "gptq", "--steps", 2, "--batch", 2, "--max_length", 64,
+        "--threads", 1, "--data_dir", RTE, "--out", tmp_path / "out", "--name", "qzo_tiny",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("gptq "))[len("gptq ") :])
-    assert _finite(row["ratio_median"]) and _finite(row["ratio_cpu"]) and len(row["raw_wall"]["qzo_step"]) == 1
+    assert _finite(row["ratio_median"]) and _finite(row["ratio_cpu"]) and len(row["raw_wall"]["qzo_step"]) == 2
+    assert _finite(row["median_of_round_ratios"])
+    # The file says what ran where: the same row, the batch's shape, the machine and the rounds.
+    payload = json.loads((tmp_path / "out" / "qzo_tiny.json").read_text())
+    assert payload["suite"] == "qzo-step-time" and payload["results"]["gptq"] == row
+    assert payload["setup"]["batch_rows_tokens"][0] == 2 and payload["setup"]["rounds"] == 2
+    assert payload["setup"]["torch_num_threads"] == 1
+    _check_environment(payload["environment"])
 
 
 @needs_run

@@ -282,21 +282,29 @@ def trainer_step_parser() -> argparse.ArgumentParser:
             "QZO step time vs two plain forward passes of the same int4 model (SmolLM2-135M, RTE, CPU). A step is "
             "ZOTrainer.training_step (forwards at +eps z and -eps z on the scales, under the engine's hooks) plus "
             "ZOOptimizer.step(); the reference is candidate_loss twice on the same batch, same model, no hooks. Both "
-            "are timed interleaved after one warm-up of each; process CPU time is reported beside wall time."
+            "are timed interleaved (order reversed every other round) after one warm-up of each; process CPU time is "
+            "reported beside wall time."
         ),
     )
-    p.add_argument("--gptq_dir", required=True, help="a GPTQ group-64 checkpoint of SmolLM2 (zo-quantize)")
+    p.add_argument(
+        "--gptq_dir",
+        default=None,
+        help="a GPTQ group-64 checkpoint of SmolLM2 (default: the speed suite's, made with zo-quantize on first use)",
+    )
     p.add_argument("--data_dir", default=default_rte_dir())
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max_length", type=int, default=128)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="timed rounds after the warm-up")
     p.add_argument("--backends", default="gptq,nf4")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=None, help="folder for <name>.json (default: print only)")
+    p.add_argument("--name", default="qzo_step_time", help="the JSON file's name in --out")
     return p
 
 
 def main_trainer_step(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
-    """``zo-bench qzo-step-time``: prints one JSON line per back-end, then a summary."""
+    """``zo-bench qzo-step-time``: prints one JSON line per back-end, then a summary; with --out, also a JSON file
+    (machine, versions, load) rewritten after each back-end."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     a = (parser or trainer_step_parser()).parse_args(argv)
     import torch
@@ -312,7 +320,13 @@ def main_trainer_step(argv: list[str] | None = None, parser: argparse.ArgumentPa
     from zo_trainer.quant import load_quantized
     from zo_trainer.tasks import get_task
 
+    from .factories import gptq_dir
+
     base = str(ensure_default_model())
+    backends = a.backends.split(",")
+    gptq = a.gptq_dir
+    if gptq is None and "gptq" in backends:
+        gptq = str(gptq_dir(False, Path(tempfile.gettempdir()), Path(base)))
     tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(base))
     tokenizer.padding_side = "left"
     task = get_task("rte")
@@ -323,9 +337,26 @@ def main_trainer_step(argv: list[str] | None = None, parser: argparse.ArgumentPa
         f"batch {tuple(batch['input_ids'].shape)} (rows x tokens), torch threads {torch.get_num_threads()}", flush=True
     )
 
-    results = {}
-    for kind in a.backends.split(","):
-        model = load_quantized(a.gptq_dir if kind == "gptq" else base, kind)
+    results: dict[str, Any] = {}
+    payload: dict[str, Any] = {
+        "suite": "qzo-step-time",
+        "schema_version": SCHEMA_VERSION,
+        "environment": environment(),
+        "setup": {
+            "step": "ZOTrainer.training_step (qzo: forwards at +eps z and -eps z on the scales) + ZOOptimizer.step()",
+            "reference": "candidate_loss twice on the same batch and model, no_grad, no hooks",
+            "batch_rows_tokens": list(batch["input_ids"].shape),
+            "gptq_dir": gptq,
+            "rounds": a.steps,
+            "statistic": "one warm-up of each, then rounds of one step and one reference, order reversed every other "
+            "round; ratio_median = median step / median reference; ratio_cpu = mean process CPU seconds over mean",
+            "torch_num_threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg(),
+        },
+        "results": results,
+    }
+    for kind in backends:
+        model = load_quantized(gptq if kind == "gptq" else base, kind)
         args = ZOTrainingArguments(
             output_dir=tempfile.gettempdir(), optim="qzo", learning_rate=1e-6, report_to="none", disable_tqdm=True
         )
@@ -350,8 +381,9 @@ def main_trainer_step(argv: list[str] | None = None, parser: argparse.ArgumentPa
         times: dict[str, list[float]] = {"qzo_step": [], "two_forwards": []}
         cpu: dict[str, list[float]] = {"qzo_step": [], "two_forwards": []}  # process CPU s: robust to other load
         qzo_step(), two_forwards()  # warm-up
-        for _ in range(a.steps):
-            for name, fn in (("qzo_step", qzo_step), ("two_forwards", two_forwards)):
+        order = [("qzo_step", qzo_step), ("two_forwards", two_forwards)]
+        for round_index in range(a.steps):
+            for name, fn in order if round_index % 2 == 0 else order[::-1]:  # neither always runs first
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - t0)
@@ -359,15 +391,21 @@ def main_trainer_step(argv: list[str] | None = None, parser: argparse.ArgumentPa
         q, f = statistics.mean(times["qzo_step"]), statistics.mean(times["two_forwards"])
         qm, fm = statistics.median(times["qzo_step"]), statistics.median(times["two_forwards"])
         qc, fc = statistics.mean(cpu["qzo_step"]), statistics.mean(cpu["two_forwards"])
+        per_round = [s / r for s, r in zip(times["qzo_step"], times["two_forwards"])]
         results[kind] = {
             "qzo_step_mean_s": q, "two_forwards_mean_s": f, "ratio_mean": q / f,
             "qzo_step_median_s": qm, "two_forwards_median_s": fm, "ratio_median": qm / fm,
+            "median_of_round_ratios": statistics.median(per_round),
             "qzo_step_cpu_mean_s": qc, "two_forwards_cpu_mean_s": fc, "ratio_cpu": qc / fc,
             "raw_wall": times, "raw_cpu": cpu, "threads": torch.get_num_threads(), "loadavg_after": os.getloadavg(),
         }  # fmt: skip
         print(kind, json.dumps(results[kind]), flush=True)
+        if a.out is not None:
+            write_json(a.out / f"{a.name}.json", payload)
         trainer.zo_engine.remove()
         del trainer, model, optimizer
     summary = {k: {kk: v for kk, v in r.items() if not kk.startswith("raw")} for k, r in results.items()}
     print(json.dumps(summary, indent=1))
+    if a.out is not None:
+        log_line(f"qzo-step-time -> {a.out / f'{a.name}.json'}")
     return 0

@@ -171,6 +171,10 @@ def test_qzo_step_time_through_the_trainer(tmp_path):
     assert payload["setup"]["batch_rows_tokens"][0] == 2 and payload["setup"]["rounds"] == 2
     assert payload["setup"]["torch_num_threads"] == 1
     _check_environment(payload["environment"])
+    from benchmarks.zo_bench.report import report
+
+    text = report(tmp_path / "out")
+    assert re.search(r"\| gptq \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| <= 1.05 \|", text), text
 
 
 @needs_run

@@ -116,6 +116,26 @@ def report(out: Path) -> str:
                 f"\nfp32 two forwards beside two idle OpenMP teams / plain two forwards (same rounds): "
                 f"{teams['over_plain_two_forwards']:.3f} ({teams['seconds_median']:.2f} s)"
             )
+    for path in sorted(out.glob("*.json")):  # zo-bench qzo-step-time --out: one file per run, named by --name
+        run = json.loads(path.read_text())
+        if run.get("suite") != "qzo-step-time":
+            continue
+        st = run["setup"]
+        rows, tokens = st["batch_rows_tokens"]
+        lines += [
+            "",
+            f"qzo through ZOTrainer.training_step ({path.name}: batch {rows} x {tokens}, {st['torch_num_threads']} "
+            f"torch threads, {st['rounds']} rounds):",
+            "",
+            "| back-end | step s (median) | two forwards s (median) | step / two forwards | median of per-round ratios "
+            "| CPU seconds ratio | goal |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for kind, v in run["results"].items():
+            lines.append(
+                f"| {kind} | {v['qzo_step_median_s']:.2f} | {v['two_forwards_median_s']:.2f} | {v['ratio_median']:.3f} "
+                f"| {v['median_of_round_ratios']:.3f} | {v['ratio_cpu']:.3f} | <= 1.05 |"
+            )
     mem = load("memory.json")
     if mem:
         st = mem["setup"]

@@ -8,7 +8,7 @@
     zo-bench report   [--out benchmarks/results]             # markdown tables from the JSONs
     zo-bench study    [--quick] [--runs a,b] [--list] [--report]  # the RTE accuracy study (benchmarks/zo_bench/study.py)
     zo-bench scale    [--quick] [--sizes 7b] ...             # real Llama shapes (own flags: zo-bench scale --help)
-    zo-bench qzo-step-time --gptq_dir DIR ...                # qzo through ZOTrainer.training_step (own flags)
+    zo-bench qzo-step-time [--batch 16] [--out DIR] ...      # qzo through ZOTrainer.training_step (own flags)
     zo-bench engine   [--quick] [--shapes smollm2-135m] ...  # the engine's own work per step, z scheme 1 vs 2
     zo-bench cuda-passes [--layers 32] [--quick]             # GPU: perturbed copy / update passes, z scheme 3 vs 4
     python -m benchmarks.zo_bench memory-worker --config '{...}'   # internal: one memory measurement

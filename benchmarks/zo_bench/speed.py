@@ -389,13 +389,13 @@ def main_trainer_step(argv: list[str] | None = None, parser: argparse.ArgumentPa
                 times[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
         q, f = statistics.mean(times["qzo_step"]), statistics.mean(times["two_forwards"])
-        qm, fm = statistics.median(times["qzo_step"]), statistics.median(times["two_forwards"])
+        qm, fm = median(times["qzo_step"]), median(times["two_forwards"])
         qc, fc = statistics.mean(cpu["qzo_step"]), statistics.mean(cpu["two_forwards"])
         per_round = [s / r for s, r in zip(times["qzo_step"], times["two_forwards"])]
         results[kind] = {
             "qzo_step_mean_s": q, "two_forwards_mean_s": f, "ratio_mean": q / f,
             "qzo_step_median_s": qm, "two_forwards_median_s": fm, "ratio_median": qm / fm,
-            "median_of_round_ratios": statistics.median(per_round),
+            "median_of_round_ratios": median(per_round),
             "qzo_step_cpu_mean_s": qc, "two_forwards_cpu_mean_s": fc, "ratio_cpu": qc / fc,
             "raw_wall": times, "raw_cpu": cpu, "threads": torch.get_num_threads(), "loadavg_after": os.getloadavg(),
         }  # fmt: skip
